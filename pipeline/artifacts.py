@@ -1,0 +1,62 @@
+"""The files a training run leaves behind, as ``{relative path: bytes}`` (no MLflow here)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline import figures
+from pipeline.data import Splits
+from pipeline.train import TrainResult
+
+WEIGHTS = "model/state_dict.pt"
+
+
+def history_frame(result: TrainResult) -> pd.DataFrame:
+    rows = [{"epoch": r.epoch, "step": r.step, "cycle_end": r.cycle_end, **r.metrics}
+            for r in result.history]
+    return pd.DataFrame(rows)
+
+
+def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    flat = np.asarray(y_true, dtype=np.int64) * n_classes + np.asarray(y_pred, dtype=np.int64)
+    return np.bincount(flat, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def weights_bytes(model: torch.nn.Module) -> bytes:
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.getvalue()
+
+
+def training_artifacts(result: TrainResult, splits: Splits, with_figures: bool = True,
+                       with_weights: bool = True) -> dict[str, bytes | str]:
+    """Learning curves, confusion matrix, misclassified examples, gradient norms, history,
+    the resolved configuration and the weights of the best-validation model."""
+    y_true, y_pred = splits.y_test.numpy(), result.test_pred.numpy()
+    cm = confusion_counts(y_true, y_pred, splits.n_classes)
+    files: dict[str, bytes | str] = {
+        "history.csv": history_frame(result).to_csv(index=False),
+        "config.json": json.dumps(result.config.model_dump(), indent=2),
+        "confusion_matrix.csv": pd.DataFrame(cm, index=splits.classes, columns=splits.classes)
+                                  .to_csv(),
+    }
+    if with_weights:
+        files[WEIGHTS] = weights_bytes(result.model)
+    if with_figures:
+        history = [{"step": r.step, **r.metrics} for r in result.history]
+        title = f"{splits.name}: best val acc {result.best_val_acc:.4f}, test acc {result.test_acc:.4f}"
+        wrong = np.flatnonzero(y_true != y_pred)[:25]
+        images = splits.x_test[wrong].numpy()
+        files["learning_curves.png"] = figures.to_png(figures.learning_curves(history, title))
+        files["confusion_matrix.png"] = figures.to_png(
+            figures.confusion_matrix_figure(y_true, y_pred, splits.classes))
+        files["misclassified.png"] = figures.to_png(figures.example_grid(
+            images, y_true[wrong], y_pred[wrong], splits.classes,
+            f"Misclassified test examples ({int((y_true != y_pred).sum())} of {len(y_true)})"))
+        files["grad_norms.png"] = figures.to_png(figures.grad_norms(history))
+    return files

@@ -1,0 +1,142 @@
+"""Typed, frozen training configuration: the one place every training setting is named.
+
+A trial's configuration is ``TrainConfig(**{**study.fixed, **sampled_params})``; the single-run CLI
+builds its flags from these fields, so flag names mirror parameter names.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, already phrased for the user (all problems at once)."""
+
+
+class TrainConfig(BaseModel):
+    """Everything that determines one training run. Defaults are a sensible digits run."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # -- data ---------------------------------------------------------------------------------
+    dataset: Literal["digits", "fashion-mnist", "mnist", "cifar10"] = "digits"
+    """Dataset name; `digits` ships inside scikit-learn and needs no download."""
+    data_dir: str | None = None
+    """Folder holding downloaded datasets (torchvision layout); None: the usual places."""
+    data_seed: int = 0
+    """Seed of the train/validation split; fixed per study so every trial sees the same split."""
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    """Share of the training split held out for validation (stratified)."""
+    n_per_class: int | None = Field(None, ge=1)
+    """Class-balanced training subset: this many examples of each class (None: all)."""
+
+    # -- model --------------------------------------------------------------------------------
+    arch: Literal["mlp", "cnn"] = "mlp"
+    """`mlp`, or `cnn`: conv blocks followed by the same MLP head."""
+    depth: int = Field(1, ge=0)
+    """Hidden fully-connected layers (0 = softmax regression / linear head)."""
+    width: int = Field(64, ge=1)
+    """Units per hidden layer."""
+    activation: Literal["relu", "sigmoid", "tanh", "lecun_tanh"] = "relu"
+    """Hidden activation; lecun_tanh is 1.7159*tanh(2x/3), the "improved sigmoid"."""
+    init: Literal["default", "fan_in"] = "default"
+    """`default`: PyTorch's; `fan_in`: N(0, 1/fan_in) weights and zero biases (LeCun)."""
+    batch_norm: bool = False
+    """Batch normalisation after each hidden layer (before the activation)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout probability after each hidden activation."""
+    conv_blocks: int = Field(2, ge=1)
+    """CNN only: number of conv(3x3)-activation-maxpool blocks."""
+    channels: int = Field(16, ge=1)
+    """CNN only: channels of the first block, doubled in each further block."""
+
+    # -- optimisation -------------------------------------------------------------------------
+    optimizer: Literal["sgd", "momentum", "nesterov", "adam", "adamw"] = "sgd"
+    """`momentum` and `nesterov` are SGD with that momentum."""
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    """Momentum for `momentum` / `nesterov`."""
+    l2_lambda: float = Field(0.0, ge=0.0)
+    """L2 strength: cost = loss + l2_lambda * sum of squared weights (not biases)."""
+    batch_size: int = Field(100, ge=1)
+    schedule: Literal["constant", "cyclical"] = "cyclical"
+    """`constant` uses lr for `epochs`; `cyclical` is triangular between eta_min and eta_max."""
+    lr: float = Field(0.01, gt=0.0)
+    """Constant schedule: the learning rate."""
+    epochs: int = Field(10, ge=1)
+    """Constant schedule: passes over the training split."""
+    eta_min: float = Field(1e-5, gt=0.0)
+    """Cyclical schedule: lowest learning rate."""
+    eta_max: float = Field(1e-1, gt=0.0)
+    """Cyclical schedule: highest learning rate."""
+    step_size_epochs: int = Field(2, ge=1)
+    """Cyclical schedule: half-cycle n_s, in epochs' worth of updates."""
+    cycles: int = Field(1, ge=1)
+    """Cyclical schedule: number of cycles; updates = 2 * n_s * cycles."""
+
+    # -- run ----------------------------------------------------------------------------------
+    seed: int = 0
+    """Training seed: initialisation, shuffling and dropout."""
+    device: str = "cpu"
+    """`cpu`, `cuda`, or `auto` (cuda when available)."""
+    pretrained: str | None = None
+    """Path of a state dict saved by this pipeline to start from (transfer)."""
+    freeze: Literal["none", "features"] = "none"
+    """With `pretrained`: `features` trains only the final layer (linear probe)."""
+
+    @model_validator(mode="after")
+    def _check_cross_field(self) -> TrainConfig:
+        if problems := cross_field_problems(self.model_dump()):
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def n_epochs(self) -> int:
+        """Passes over the training split this configuration makes."""
+        if self.schedule == "cyclical":
+            return 2 * self.step_size_epochs * self.cycles
+        return self.epochs
+
+
+def cross_field_problems(values: dict) -> list[str]:
+    """Rules between fields, checked on raw values too so they are reported with field errors."""
+    get = {**{k: f.default for k, f in TrainConfig.model_fields.items()}, **values}.get
+    problems = []
+    try:
+        if get("schedule") == "cyclical" and float(get("eta_min")) >= float(get("eta_max")):
+            problems.append(f"eta_min ({get('eta_min')}) must be below eta_max ({get('eta_max')})")
+    except (TypeError, ValueError):
+        pass  # a non-number is already reported by its field
+    if get("freeze") not in (None, "none") and get("pretrained") is None:
+        problems.append("freeze needs a pretrained checkpoint (--pretrained PATH)")
+    return problems
+
+
+def validation_problems(err: ValidationError) -> list[str]:
+    """One readable line per problem pydantic found."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against the documented keys)"
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    return lines
+
+
+def format_problems(where: str, problems: list[str]) -> str:
+    return f"{where}: {len(problems)} problem(s):" + "".join(f"\n  - {p}" for p in problems)
+
+
+def make_train_config(values: dict, where: str = "training settings") -> TrainConfig:
+    """Build a TrainConfig, turning validation errors into one ConfigError."""
+    try:
+        return TrainConfig(**values)
+    except ValidationError as err:
+        problems = validation_problems(err)
+        if not any(e["loc"] == () for e in err.errors()):
+            problems += cross_field_problems(values)  # pydantic skips them when a field failed
+        raise ConfigError(format_problems(where, problems)) from None

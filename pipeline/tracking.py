@@ -1,0 +1,121 @@
+"""Every MLflow write, through an explicit ``MlflowClient`` and run ids.
+
+No global active-run stack: under ``mlflow run`` (which sets MLFLOW_RUN_ID) ``fluent`` nesting
+returns the parent run itself (MLflow #15713), so child runs are created with ``create_run`` and a
+``mlflow.parentRunId`` tag, and logged to by id.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+from pipeline.train import EpochRecord
+
+BATCH = 1000  # MLflow's log_batch limit for metrics
+PARAM_BATCH = 100
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking store cannot be reached or used; the message names the URI and the fix."""
+
+
+def tracking_client() -> MlflowClient:
+    """A client on the standard URI resolution (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."""
+    return MlflowClient()
+
+
+def check_store(client: MlflowClient) -> None:
+    """Fail early, before anything is trained, when the tracking store is unusable."""
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as err:
+        raise TrackingUnavailable(
+            f"cannot use the MLflow tracking store {client.tracking_uri!r}: "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
+            "Check MLFLOW_TRACKING_URI (unset it to use ./mlflow.db), or start the server."
+        ) from None
+
+
+def resolve_experiment(client: MlflowClient, name: str | None = None) -> str:
+    """The experiment id: MLFLOW_EXPERIMENT_ID (set by `mlflow run`), else `name`, else
+    MLFLOW_EXPERIMENT_NAME, else MLflow's Default experiment."""
+    if exp_id := os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return exp_id
+    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "Default"
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # another worker created it between our two calls
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def start_run(client: MlflowClient, experiment_id: str, name: str, parent_id: str | None = None,
+              tags: Mapping[str, str] | None = None, adopt_env_run: bool = False) -> str:
+    """Create a run and return its id. With ``adopt_env_run`` and MLFLOW_RUN_ID set (we were
+    started by `mlflow run`), that run becomes ours instead: it already exists and is RUNNING."""
+    tags = dict(tags or {})
+    env_run = os.environ.get("MLFLOW_RUN_ID") if adopt_env_run else None
+    if env_run:
+        client.set_tag(env_run, MLFLOW_RUN_NAME, name)
+        set_tags(client, env_run, tags)
+        return env_run
+    if parent_id:
+        tags[MLFLOW_PARENT_RUN_ID] = parent_id
+    return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, object]) -> None:
+    if tags:
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, object]) -> None:
+    items = [Param(k, "None" if v is None else str(v)) for k, v in sorted(params.items())]
+    for i in range(0, len(items), PARAM_BATCH):
+        client.log_batch(run_id, params=items[i:i + PARAM_BATCH])
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float],
+                step: int = 0) -> None:
+    """One batched write; non-finite values are logged as they are (MLflow stores NaN/inf)."""
+    ts = int(time.time() * 1000)
+    items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
+    for i in range(0, len(items), BATCH):
+        client.log_batch(run_id, metrics=items[i:i + BATCH])
+
+
+def log_epoch(client: MlflowClient, run_id: str, record: EpochRecord) -> None:
+    """An epoch's metrics in one call, at step = optimiser updates so far."""
+    log_metrics(client, run_id, {**record.metrics, "epoch": record.epoch}, step=record.step)
+
+
+def log_artifacts(client: MlflowClient, run_id: str, files: Mapping[str, bytes | str],
+                  artifact_path: str | None = None) -> None:
+    """Write ``{relative path: content}`` to a temporary folder and upload it in one call."""
+    if not files:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        for rel, content in files.items():
+            path = Path(tmp, rel)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content.encode() if isinstance(content, str) else content)
+        client.log_artifacts(run_id, tmp, artifact_path)
+
+
+def end_run(client: MlflowClient, run_id: str, status: str = "FINISHED") -> None:
+    """Mark a run FINISHED, FAILED or KILLED."""
+    client.set_terminated(run_id, status)
+
+
+def history_dicts(records: Iterable[EpochRecord]) -> list[dict]:
+    return [{"epoch": r.epoch, "step": r.step, **r.metrics} for r in records]
