@@ -96,7 +96,19 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float],
 
 def log_epoch(client: MlflowClient, run_id: str, record: EpochRecord) -> None:
     """An epoch's metrics in one call, at step = optimiser updates so far."""
-    log_metrics(client, run_id, {**record.metrics, "epoch": record.epoch}, step=record.step)
+    log_epochs(client, run_id, [record])
+
+
+def log_epochs(client: MlflowClient, run_id: str, records: Iterable[EpochRecord],
+               final: Mapping[str, float] | None = None, final_step: int = 0) -> None:
+    """Several epochs' metrics (and optionally the run's final metrics) in as few calls as
+    MLflow allows."""
+    ts = int(time.time() * 1000)
+    items = [Metric(k, float(v), ts, r.step)
+             for r in records for k, v in {**r.metrics, "epoch": r.epoch}.items()]
+    items += [Metric(k, float(v), ts, final_step) for k, v in (final or {}).items()]
+    for i in range(0, len(items), BATCH):
+        client.log_batch(run_id, metrics=items[i:i + BATCH])
 
 
 def log_artifacts(client: MlflowClient, run_id: str, files: Mapping[str, bytes | str],

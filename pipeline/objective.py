@@ -1,0 +1,133 @@
+"""One trial: sample parameters, train, and keep MLflow's child run in step with the trial.
+
+Run status mirrors the trial: complete -> FINISHED, pruned -> KILLED, failed -> FAILED (with
+``error.txt``). Trial and run point at each other: the run id is a trial user attribute and the
+trial number a run tag. Epoch metrics are buffered and written in a few batches per trial, since
+one SQLite write costs milliseconds and a digits epoch costs about as much.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import traceback
+from dataclasses import dataclass
+
+import numpy as np
+import optuna
+from mlflow.tracking import MlflowClient
+
+from pipeline import artifacts, space, tracking
+from pipeline.data import load_splits
+from pipeline.study import StudyConfig
+from pipeline.train import EpochRecord, train
+
+FLUSH_SECONDS = 2.0  # epoch metrics reach MLflow at least this often while a trial runs
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of one study execution shares."""
+
+    study: StudyConfig
+    study_key: str  # the Optuna study name (study name, with dataset / smoke suffixes)
+    space: dict  # name -> spec (pydantic), after narrowing
+    experiment_id: str
+    study_run_id: str
+    seed: int  # sampler seed; trial seeds derive from it
+
+
+def trial_seed(study_seed: int, number: int) -> int:
+    """A training seed per trial, derived from the study's seed (both are logged)."""
+    return (study_seed * 1_000_003 + number) % 2**31
+
+
+class _EpochLogger:
+    """Per-epoch callback: buffers metrics for MLflow, reports to the pruner."""
+
+    def __init__(self, client: MlflowClient, run_id: str, trial: optuna.Trial, metric: str):
+        self.client, self.run_id, self.trial, self.metric = client, run_id, trial, metric
+        self.buffer: list[EpochRecord] = []
+        self.last_flush = time.perf_counter()
+
+    def __call__(self, record: EpochRecord) -> None:
+        self.buffer.append(record)
+        if record.diverged:
+            self.flush()
+            raise optuna.TrialPruned(f"diverged at epoch {record.epoch} (non-finite loss)")
+        self.trial.report(record.metrics[self.metric], record.epoch)
+        if time.perf_counter() - self.last_flush > FLUSH_SECONDS:
+            self.flush()
+        if self.trial.should_prune():
+            self.flush()
+            raise optuna.TrialPruned(f"pruned at epoch {record.epoch}")
+
+    def flush(self) -> None:
+        if self.buffer:
+            tracking.log_epochs(self.client, self.run_id, self.buffer)
+            self.buffer = []
+        self.last_flush = time.perf_counter()
+
+
+def run_trial(ctx: TrialContext, trial: optuna.Trial, client: MlflowClient
+              ) -> tuple[optuna.trial.TrialState, float | None]:
+    """Train one trial and log it; returns the state and value to tell the study."""
+    started = time.perf_counter()
+    params = space.suggest(trial, ctx.space)
+    seed = ctx.study.fixed.get("seed", trial_seed(ctx.seed, trial.number))
+    run_name = f"{ctx.study_key}-{trial.number:03d}"
+    run_id = tracking.start_run(client, ctx.experiment_id, run_name, parent_id=ctx.study_run_id,
+                                tags={"pipeline.kind": "trial", "pipeline.study": ctx.study_key,
+                                      "pipeline.trial_number": str(trial.number)})
+    trial.set_user_attr("mlflow_run_id", run_id)
+    logger = None
+    try:
+        cfg = ctx.study.train_config({"seed": seed, **params})
+        tracking.log_params(client, run_id, {**cfg.model_dump(), "trial_number": trial.number})
+        splits = load_splits(cfg.dataset, cfg.data_dir, cfg.data_seed, cfg.val_fraction,
+                             cfg.n_per_class)
+        logger = _EpochLogger(client, run_id, trial, ctx.study.objective.metric)
+        result = train(cfg, splits, on_epoch=logger)
+        value = _objective_value(result, ctx.study.objective)
+        final = result.final_metrics()
+        # Remaining epochs and the final metrics in one write.
+        tracking.log_epochs(client, run_id, logger.buffer, final=final,
+                            final_step=result.history[-1].step)
+        logger.buffer = []
+        files = artifacts.training_artifacts(result, splits, with_figures=False)
+        files["test_predictions.npy"] = _npy(result.test_pred.numpy().astype(np.int16))
+        tracking.log_artifacts(client, run_id, files)
+        trial.set_user_attr("test_acc", final["test_acc"])
+        trial.set_user_attr("train_seconds", final["train_seconds"])
+        tracking.end_run(client, run_id, "FINISHED")
+        return optuna.trial.TrialState.COMPLETE, value
+    except optuna.TrialPruned as pruned:
+        if logger is not None:
+            logger.flush()
+        trial.set_user_attr("pruned_reason", str(pruned))
+        tracking.set_tags(client, run_id, {"pipeline.pruned": str(pruned)})
+        tracking.end_run(client, run_id, "KILLED")
+        return optuna.trial.TrialState.PRUNED, None
+    except Exception:
+        text = traceback.format_exc()
+        trial.set_user_attr("error", text.strip().splitlines()[-1][:500])
+        tracking.log_artifacts(client, run_id, {"error.txt": text})
+        tracking.end_run(client, run_id, "FAILED")
+        return optuna.trial.TrialState.FAIL, None
+    except BaseException:  # Ctrl-C / SIGTERM: the trial ends, its run is KILLED
+        tracking.end_run(client, run_id, "KILLED")
+        raise
+    finally:
+        trial.set_user_attr("wall_seconds", time.perf_counter() - started)
+
+
+def _objective_value(result, objective) -> float:
+    """The best value of the objective metric over training (validation, never test)."""
+    values = [r.metrics[objective.metric] for r in result.history if objective.metric in r.metrics]
+    return max(values) if objective.direction == "maximize" else min(values)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()

@@ -1,0 +1,103 @@
+"""Run a study: an Optuna search whose every trial is an MLflow child run of the study's run.
+
+    python -m pipeline.search --study coarse            # studies/coarse.yaml
+    python -m pipeline.search --study fine              # narrowed from coarse's best trials
+    python -m pipeline.search --study coarse --smoke    # a few tiny trials, to check a study
+    python -m pipeline.search --study coarse --workers 2 --n-trials 40
+
+Re-running a study resumes it: ``n_trials`` counts the study's trials in total. Exit codes: 0 done,
+2 bad input (study file, flags, storage, dataset, tracking store), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+SMOKE_TRIALS = 3
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """The command line, resolved; passed as is to worker processes."""
+
+    study: str
+    n_trials: int | None = None
+    dataset: str | None = None
+    storage: str | None = None
+    seed: int | None = None
+    workers: int = 1
+    smoke: bool = False
+    experiment: str | None = None
+    studies_dir: str | None = None
+    quiet: bool = False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline.search", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--study", required=True, help="study name under studies/, or a YAML path")
+    # Empty values mean "not given": MLproject parameters default to "" for these.
+    p.add_argument("--n-trials", type=_whole_or_none, default=None,
+                   help="total trials of the study (default: the study file's n_trials)")
+    p.add_argument("--dataset", type=_str_or_none, default=None,
+                   help="override the study's dataset")
+    p.add_argument("--storage", type=_str_or_none, default=None,
+                   help="Optuna storage (default: OPTUNA_STORAGE, else ./optuna.journal)")
+    p.add_argument("--seed", type=_whole_or_none, default=None, help="override the sampler seed")
+    p.add_argument("--workers", type=_whole, default=1, help="worker processes on this machine")
+    p.add_argument("--smoke", action="store_true",
+                   help=f"{SMOKE_TRIALS} tiny trials in a separate '-smoke' study")
+    p.add_argument("--experiment", default=None, help="MLflow experiment name")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _str_or_none(text: str) -> str | None:
+    return text.strip() or None
+
+
+def _whole_or_none(text: str) -> int | None:
+    return _whole(text) if text.strip() else None
+
+
+def _whole(text: str) -> int:
+    try:
+        value = float(text)  # MLproject passes numbers as floats ("4.0")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    return int(value)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    problems = []
+    if args.n_trials is not None and args.n_trials < 1:
+        problems.append(f"--n-trials must be at least 1 (got {args.n_trials})")
+    if args.workers < 1:
+        problems.append(f"--workers must be at least 1 (got {args.workers})")
+    if problems:
+        print("error: " + "; ".join(problems), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    opts = SearchOptions(**{k: v for k, v in vars(args).items()})
+    from pipeline import engine  # heavy imports only once the flags are sound
+
+    try:
+        return engine.run_study(opts)
+    except engine.BAD_INPUT as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted: the running trial was marked failed and its run KILLED; "
+              "run the same command again to continue.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,165 @@
+"""Optuna storages by URL, the inter-process lock that keeps trial counts exact, heartbeats.
+
+- default: ``optuna.journal`` in the working directory, a journal file that several processes on
+  one machine may share (Optuna advises against one SQLite file shared by several processes);
+- ``PATH.journal`` or ``journal:PATH``: a journal file elsewhere;
+- ``sqlite:///PATH``, ``postgresql://...``, ``mysql://...``: Optuna's RDB storage, with heartbeats
+  so that a trial whose worker died is failed (and retried once) by the next worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend
+
+DEFAULT_STORAGE = "optuna.journal"
+HEARTBEAT_SECONDS = 10
+GRACE_SECONDS = 30
+RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
+
+
+class StorageError(RuntimeError):
+    """The storage URL is malformed or the store cannot be reached."""
+
+
+@dataclass(frozen=True)
+class StorageSpec:
+    url: str  # what the user gave (or the default), passed on to worker processes
+    kind: str  # "journal" | "rdb" | "memory"
+    path: str | None = None  # journal or sqlite file
+
+
+def parse_storage(url: str | None) -> StorageSpec:
+    """Resolve ``--storage`` / OPTUNA_STORAGE / the default into a spec (no I/O)."""
+    url = url or os.environ.get("OPTUNA_STORAGE") or DEFAULT_STORAGE
+    if url == ":memory:":
+        return StorageSpec(url, "memory")
+    scheme = url.split(":", 1)[0].split("+", 1)[0] if "://" in url else ""
+    if scheme in RDB_SCHEMES:
+        path = url.split(":///", 1)[1] if scheme == "sqlite" and ":///" in url else None
+        return StorageSpec(url, "rdb", path)
+    if url.startswith("journal:"):
+        return StorageSpec(url, "journal", url.removeprefix("journal:"))
+    if url.endswith(".journal") and "://" not in url:
+        return StorageSpec(url, "journal", url)
+    raise StorageError(
+        f"storage {url!r} is not understood. Use a journal file (optuna.journal, "
+        "journal:PATH), sqlite:///PATH, or postgresql://USER@HOST:PORT/DB.")
+
+
+_memory: dict[str, optuna.storages.BaseStorage] = {}
+
+
+def open_storage(spec: StorageSpec) -> optuna.storages.BaseStorage:
+    """Open (and check) the storage; raises StorageError with the URL and the fix."""
+    try:
+        if spec.kind == "memory":
+            return _memory.setdefault(spec.url, optuna.storages.InMemoryStorage())
+        if spec.kind == "journal":
+            folder = Path(spec.path).resolve().parent
+            if not folder.is_dir():
+                raise StorageError(f"folder {folder} does not exist")
+            return JournalStorage(JournalFileBackend(spec.path))
+        storage = RDBStorage(
+            spec.url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+            failed_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+            engine_kwargs={"pool_pre_ping": True} if spec.path is None else None,
+        )
+        storage.get_all_studies()  # fail now, not in the middle of a trial
+        return storage
+    except StorageError as err:
+        raise StorageError(f"cannot open Optuna storage {spec.url!r}: {err}") from None
+    except Exception as err:
+        first = " ".join(str(err).split())[:300]
+        raise StorageError(
+            f"cannot open Optuna storage {spec.url!r}: {type(err).__name__}: {first}\n"
+            "Check the URL, that the database server is running and reachable, and the "
+            "driver (postgresql needs psycopg)."
+        ) from None
+
+
+_thread_locks: dict[str, threading.Lock] = {}
+
+
+@contextlib.contextmanager
+def study_lock(spec: StorageSpec, study_name: str):
+    """Serialise "count trials, then take one" across processes so totals stay exact.
+
+    Files get an flock next to them; PostgreSQL an advisory lock; memory a thread lock.
+    """
+    if spec.kind == "memory":
+        with _thread_locks.setdefault(study_name, threading.Lock()):
+            yield
+        return
+    if spec.kind == "rdb" and spec.path is None:
+        yield from _advisory_lock(spec.url, study_name)
+        return
+    lock_path = f"{spec.path}.claims.lock"  # one per storage file: claims are brief
+    with open(lock_path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _advisory_lock(url: str, study_name: str):
+    import sqlalchemy
+
+    key = int.from_bytes(hashlib.sha1(study_name.encode()).digest()[:8], "big", signed=True)
+    engine = _engines.get(url) or _engines.setdefault(url, sqlalchemy.create_engine(url))
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        elif engine.dialect.name == "mysql":
+            conn.execute(sqlalchemy.text("SELECT GET_LOCK(:k, -1)"), {"k": str(key)})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:k)"), {"k": str(key)})
+        else:
+            yield
+
+
+_engines: dict = {}
+
+
+class Heartbeat:
+    """Records a trial's heartbeat every interval while it runs (RDB storages only)."""
+
+    def __init__(self, storage, trial_id: int):
+        self._storage, self._trial_id = storage, trial_id
+        interval = storage.get_heartbeat_interval() if isinstance(storage, RDBStorage) else None
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = None
+
+    def __enter__(self):
+        if self._interval:
+            self._storage.record_heartbeat(self._trial_id)
+            self._thread = threading.Thread(target=self._beat, daemon=True)
+            self._thread.start()
+        return self
+
+    def _beat(self):
+        while not self._stop.wait(self._interval):
+            with contextlib.suppress(Exception):  # a missed beat is not worth a crash
+                self._storage.record_heartbeat(self._trial_id)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()

@@ -1,0 +1,233 @@
+"""Study definitions: ``studies/*.yaml`` validated into typed, frozen configs.
+
+A bad file is reported with every problem at once (unknown keys, empty or inverted ranges, log
+ranges touching zero, unknown sampler / pruner / dataset, a missing parent), before anything is
+created in a store.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.config import ConfigError, TrainConfig, format_problems, validation_problems
+
+STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
+ORDERED_PAIRS = (("eta_min", "eta_max"),)  # (low, high) parameters that must never cross
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class FloatParam(_Frozen):
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+    """Sample log-uniformly; for scale-like parameters (lambda, learning rates)."""
+
+    def problems(self) -> list[str]:
+        out = [] if self.low < self.high else [f"low ({self.low:g}) must be below high ({self.high:g})"]
+        if self.log and self.low <= 0:
+            out.append(f"log scale needs low > 0 (got {self.low:g})")
+        return out
+
+
+class IntParam(_Frozen):
+    type: Literal["int"]
+    low: int
+    high: int
+    log: bool = False
+    step: int = Field(1, ge=1)
+
+    def problems(self) -> list[str]:
+        out = [] if self.low < self.high else [f"low ({self.low}) must be below high ({self.high})"]
+        if self.log and self.low <= 0:
+            out.append(f"log scale needs low > 0 (got {self.low})")
+        if self.log and self.step != 1:
+            out.append("log scale needs step 1")
+        return out
+
+
+class CategoricalParam(_Frozen):
+    type: Literal["categorical"]
+    choices: tuple[Any, ...] = Field(min_length=1)
+
+    def problems(self) -> list[str]:
+        return [] if len(set(map(repr, self.choices))) == len(self.choices) else ["duplicate choices"]
+
+
+ParamSpec = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
+
+
+class Objective(_Frozen):
+    metric: str = "val_acc"
+    """A per-epoch validation metric; the trial's value is its best over training."""
+    direction: Literal["maximize", "minimize"] = "maximize"
+
+
+class SamplerConfig(_Frozen):
+    name: Literal["qmc", "random", "tpe", "gp", "grid"] = "tpe"
+    seed: int = 0
+    options: dict[str, Any] = {}
+    """Extra keyword arguments for the Optuna sampler."""
+
+
+class PrunerConfig(_Frozen):
+    name: Literal["none", "median", "successive_halving", "hyperband"] = "none"
+    options: dict[str, Any] = {}
+    """Extra keyword arguments for the Optuna pruner."""
+
+
+class NarrowConfig(_Frozen):
+    """How a fine study narrows its parent's space."""
+
+    top_k: int | None = Field(None, ge=1)
+    """Use the parent's k best completed trials."""
+    top_fraction: float | None = Field(None, gt=0, le=1)
+    """Or this share of them (at least 2 trials)."""
+    margin: float = Field(0.25, ge=0)
+    """Padding on each side, as a share of the span (in log space for log parameters)."""
+    boundary_fraction: float = Field(0.1, gt=0, lt=0.5)
+    """A parameter whose best values lie within this share of a parent edge is flagged."""
+    enqueue: int = Field(3, ge=0)
+    """How many of the parent's best configurations seed the fine study."""
+
+
+class StudyConfig(_Frozen):
+    """One study file."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    dataset: Literal["digits", "fashion-mnist", "mnist", "cifar10"] = "digits"
+    objective: Objective = Objective()
+    sampler: SamplerConfig = SamplerConfig()
+    pruner: PrunerConfig = PrunerConfig()
+    n_trials: int = Field(20, ge=1)
+    timeout: float | None = Field(None, gt=0)
+    """Seconds after which no new trial starts."""
+    fixed: dict[str, Any] = {}
+    """TrainConfig settings shared by every trial."""
+    space: dict[str, ParamSpec] = {}
+    """Searched TrainConfig settings."""
+    parent: str | None = None
+    """A study (name under studies/) whose best trials narrow this study's space."""
+    narrow: NarrowConfig = NarrowConfig()
+    report: dict[str, Any] = {}
+    """Report views for this study (see pipeline.report)."""
+
+    @field_validator("fixed")
+    @classmethod
+    def _fixed_keys(cls, value: dict) -> dict:
+        unknown = sorted(set(value) - set(TrainConfig.model_fields))
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}")
+        return value
+
+    def train_config(self, params: dict[str, Any]) -> TrainConfig:
+        """The configuration of one trial: fixed settings, the study's dataset, then params."""
+        return TrainConfig(**{**self.fixed, "dataset": self.dataset, **params})
+
+
+def _semantic_problems(cfg: StudyConfig, studies_dir: Path) -> list[str]:
+    """Problems pydantic cannot see: ranges, names, and rules between settings."""
+    problems = []
+    for name, spec in cfg.space.items():
+        if name not in TrainConfig.model_fields:
+            problems.append(f"space.{name}: not a training setting")
+        problems += [f"space.{name}: {p}" for p in spec.problems()]
+        if name in cfg.fixed:
+            problems.append(f"space.{name}: also given in fixed; keep one")
+    for low_name, high_name in ORDERED_PAIRS:
+        problems += _pair_problems(cfg, low_name, high_name)
+    if cfg.sampler.name == "grid":
+        problems += [f"space.{n}: the grid sampler needs categorical parameters"
+                     for n, s in cfg.space.items() if not isinstance(s, CategoricalParam)]
+    problems += _options_problems("sampler", cfg.sampler.name, cfg.sampler.options)
+    problems += _options_problems("pruner", cfg.pruner.name, cfg.pruner.options)
+    if cfg.narrow.top_k and cfg.narrow.top_fraction:
+        problems.append("narrow: give top_k or top_fraction, not both")
+    if cfg.parent is not None:
+        if cfg.parent == cfg.name:
+            problems.append("parent: a study cannot be its own parent")
+        elif not (studies_dir / f"{cfg.parent}.yaml").is_file():
+            problems.append(f"parent: no study file {studies_dir / (cfg.parent + '.yaml')}")
+    # Check the fixed settings as a whole with a representative point of the space.
+    probe = {n: _probe_value(s) for n, s in cfg.space.items() if n in TrainConfig.model_fields}
+    try:
+        cfg.train_config(probe)
+    except ValidationError as err:
+        problems += [f"fixed.{p}" for p in validation_problems(err)
+                     if not any(p.startswith(f"{n}:") for n in cfg.space)]
+    return problems
+
+
+def _pair_problems(cfg: StudyConfig, low_name: str, high_name: str) -> list[str]:
+    def bounds(name):
+        spec = cfg.space.get(name)
+        if isinstance(spec, (FloatParam, IntParam)):
+            return spec.low, spec.high
+        if name in cfg.fixed and isinstance(cfg.fixed[name], (int, float)):
+            return cfg.fixed[name], cfg.fixed[name]
+        return None
+
+    lo, hi = bounds(low_name), bounds(high_name)
+    if lo and hi and lo[1] > hi[0]:
+        return [f"space: {low_name} (up to {lo[1]:g}) can exceed {high_name} (from {hi[0]:g}); "
+                f"make {low_name}'s high <= {high_name}'s low"]
+    return []
+
+
+def _probe_value(spec):
+    if isinstance(spec, CategoricalParam):
+        return spec.choices[0]
+    return spec.low
+
+
+def _options_problems(kind: str, name: str, options: dict) -> list[str]:
+    from pipeline.samplers import PRUNERS, SAMPLERS
+
+    factory = (SAMPLERS if kind == "sampler" else PRUNERS).get(name)
+    if factory is None or not options:
+        return []
+    accepted = set(inspect.signature(factory).parameters)
+    return [f"{kind}.options.{k}: not an option of the {name} {kind} (accepted: "
+            f"{sorted(accepted - {'self', 'search_space', 'seed'})})" for k in options
+            if k not in accepted]
+
+
+def resolve_study_path(study: str, studies_dir: Path = STUDIES_DIR) -> Path:
+    """A study by name (``studies/NAME.yaml``) or by path."""
+    path = Path(study)
+    if path.suffix in (".yaml", ".yml") or path.parent != Path("."):
+        return path
+    return studies_dir / f"{study}.yaml"
+
+
+def load_study(study: str, studies_dir: Path | None = None) -> StudyConfig:
+    """Load and validate a study file, raising one ConfigError that lists every problem."""
+    path = resolve_study_path(study, studies_dir or STUDIES_DIR)
+    studies_dir = studies_dir or (path.parent if path.parent.is_dir() else STUDIES_DIR)
+    where = f"study file {path}"
+    if not path.is_file():
+        available = sorted(p.stem for p in (studies_dir).glob("*.yaml"))
+        raise ConfigError(f"{where}: not found. Available studies: {', '.join(available) or 'none'}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys (name, dataset, space, ...)")
+    try:
+        cfg = StudyConfig(**raw)
+    except ValidationError as err:
+        raise ConfigError(format_problems(where, validation_problems(err))) from None
+    if problems := _semantic_problems(cfg, studies_dir):
+        raise ConfigError(format_problems(where, problems))
+    return cfg
+
