@@ -133,15 +133,16 @@ def _torchvision_dataset(name: str, data_dir: str | None):
                     shutil.move(str(item), root / item.name)
         return attempt(root)
 
-    roots = [Path(data_dir)] if data_dir else []
-    if name == "fashion-mnist" and any(DEBIAN_FASHION_MNIST.glob("*-ubyte.gz")):
-        roots.append(_extract_debian_fashion_mnist(cache_dir()))
-    elif name == "fashion-mnist":
-        looked.append(str(DEBIAN_FASHION_MNIST))
-    roots.append(cache_dir())
-    for root in roots:
-        if found := attempt(root):
-            return found
+    if data_dir and (found := attempt(Path(data_dir))):
+        return found
+    if name == "fashion-mnist":
+        if any(DEBIAN_FASHION_MNIST.glob("*-ubyte.gz")):
+            if found := attempt(_extract_debian_fashion_mnist(cache_dir())):
+                return found
+        else:
+            looked.append(f"{DEBIAN_FASHION_MNIST} (Debian package)")
+    if found := attempt(cache_dir()):  # an earlier download
+        return found
     if os.environ.get("PIPELINE_NO_DOWNLOAD") != "1":
         if found := download(Path(data_dir) if data_dir else cache_dir()):
             return found

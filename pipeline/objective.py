@@ -49,8 +49,16 @@ class _EpochLogger:
         self.client, self.run_id, self.trial, self.metric = client, run_id, trial, metric
         self.buffer: list[EpochRecord] = []
         self.last_flush = time.perf_counter()
+        self.seconds = 0.0  # spent here, inside train(): orchestration, not training
 
     def __call__(self, record: EpochRecord) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._on_epoch(record)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _on_epoch(self, record: EpochRecord) -> None:
         self.buffer.append(record)
         if record.diverged:
             self.flush()
@@ -87,9 +95,14 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial, client: MlflowClient
         splits = load_splits(cfg.dataset, cfg.data_dir, cfg.data_seed, cfg.val_fraction,
                              cfg.n_per_class)
         logger = _EpochLogger(client, run_id, trial, ctx.study.objective.metric)
-        result = train(cfg, splits, on_epoch=logger)
+        t_train = time.perf_counter()
+        try:
+            result = train(cfg, splits, on_epoch=logger)
+        finally:  # training time, pruned trials included; the callback's own time excluded
+            trial.set_user_attr("train_seconds",
+                                time.perf_counter() - t_train - logger.seconds)
         value = _objective_value(result, ctx.study.objective)
-        final = result.final_metrics()
+        final = {**result.final_metrics(), "objective": value}
         # Remaining epochs and the final metrics in one write.
         tracking.log_epochs(client, run_id, logger.buffer, final=final,
                             final_step=result.history[-1].step)
@@ -98,7 +111,6 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial, client: MlflowClient
         files["test_predictions.npy"] = _npy(result.test_pred.numpy().astype(np.int16))
         tracking.log_artifacts(client, run_id, files)
         trial.set_user_attr("test_acc", final["test_acc"])
-        trial.set_user_attr("train_seconds", final["train_seconds"])
         tracking.end_run(client, run_id, "FINISHED")
         return optuna.trial.TrialState.COMPLETE, value
     except optuna.TrialPruned as pruned:

@@ -11,6 +11,7 @@ diverged run is reported as such, with a zero exit), 2 bad input or unusable sto
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import types
 import typing
@@ -90,7 +91,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = args.run_name or f"{cfg.dataset}-{cfg.arch}-d{cfg.depth}w{cfg.width}-s{cfg.seed}"
     run_id = tracking.start_run(client, experiment_id, name, adopt_env_run=True,
                                 tags={"pipeline.kind": "train", "pipeline.dataset": cfg.dataset})
-    tracking.log_params(client, run_id, cfg.model_dump())
+    params = cfg.model_dump()
+    if os.environ.get("MLFLOW_RUN_ID") == run_id:
+        # `mlflow run` logged its -P values as typed ("1e-4"); MLflow refuses to change a logged
+        # param, so those keep their spelling (same value) and only the others are added.
+        params = {k: v for k, v in params.items() if k not in client.get_run(run_id).data.params}
+    tracking.log_params(client, run_id, params)
     status = "FAILED"
     try:
         result = train(cfg, splits, on_epoch=lambda rec: tracking.log_epoch(client, run_id, rec))

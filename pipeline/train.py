@@ -111,6 +111,30 @@ def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
     )
 
 
+def _steps_per_epoch(n_train: int, batch_size: int) -> int:
+    """Updates per epoch. A lone leftover example joins the last batch: batch norm cannot
+    train on a batch of one."""
+    if n_train % batch_size == 1 and n_train > batch_size:
+        return n_train // batch_size
+    return math.ceil(n_train / batch_size)
+
+
+def lr_schedule_values(cfg: TrainConfig, steps_per_epoch: int) -> tuple[list[int], list[float]]:
+    """The learning rate used at every update of a run, in closed form (for reports).
+
+    Triangular schedule of Smith (2017) with half-cycle n_s: rising from eta_min to eta_max over
+    n_s updates, falling back over the next n_s. Tests check it against torch's CyclicLR.
+    """
+    total = cfg.n_epochs * steps_per_epoch
+    steps = list(range(total))
+    if cfg.schedule == "constant":
+        return steps, [cfg.lr] * total
+    n_s = cfg.step_size_epochs * steps_per_epoch
+    lrs = [cfg.eta_min + (cfg.eta_max - cfg.eta_min) * (1 - abs(t / n_s - 2 * (t // (2 * n_s)) - 1))
+           for t in steps]
+    return steps, lrs
+
+
 def l2_term(model: nn.Module) -> torch.Tensor:
     """Sum of squared entries of every weight matrix (biases and batch-norm excluded)."""
     return sum(w.pow(2).sum() for w in weight_matrices(model).values())
@@ -172,7 +196,7 @@ def _train(cfg, splits, device, on_epoch) -> TrainResult:
         _load_pretrained(model, cfg)
     model.to(device)
     n_train, bs = len(x_tr), cfg.batch_size
-    steps_per_epoch = math.ceil(n_train / bs)
+    steps_per_epoch = _steps_per_epoch(n_train, bs)
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
     weights = weight_matrices(model)
@@ -190,8 +214,8 @@ def _train(cfg, splits, device, on_epoch) -> TrainResult:
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
         grad_sq = torch.zeros(len(tracked), device=device)
-        for i in range(0, n_train, bs):
-            idx = perm[i:i + bs]
+        for k in range(steps_per_epoch):
+            idx = perm[k * bs:n_train if k == steps_per_epoch - 1 else (k + 1) * bs]
             xb, yb = x_tr[idx], y_tr[idx]
             out = model(xb)
             loss = F.cross_entropy(out, yb)
@@ -234,11 +258,15 @@ def _train(cfg, splits, device, on_epoch) -> TrainResult:
         if diverged:
             break
 
-    if best_state is not None:
-        model.load_state_dict(best_state)
     # Test once, on the model chosen by validation: for reporting, never for selection.
     test_loss, test_acc, test_pred = evaluate(model, splits.x_test.to(device),
                                               splits.y_test.to(device))
+    if best_state is not None:
+        model.load_state_dict(best_state)
+        test_loss, test_acc, test_pred = evaluate(model, splits.x_test.to(device),
+                                                  splits.y_test.to(device))
+    else:  # diverged before any finite epoch: there is no model to score
+        test_loss = test_acc = float("nan")
     return TrainResult(
         config=cfg, history=history, best_val_acc=best_val if best_state is not None else float("nan"),
         best_epoch=best_epoch, test_acc=test_acc, test_loss=test_loss,
