@@ -1,0 +1,95 @@
+"""Shared fixtures: an offline, isolated environment for every test, and small real stores.
+
+Nothing here fakes a component: data comes from scikit-learn's embedded digits or from small files
+written in the real on-disk formats, and MLflow runs against a real SQLite store in a tmp folder.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID",
+              "MLFLOW_EXPERIMENT_NAME")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline_and_isolated(tmp_path_factory):
+    """Session-wide (so module-scoped fixtures see it too): no downloads, no ~/.cache, no
+    inherited MLflow run (the suite itself may run under `mlflow run`), and no dependence on the
+    Debian Fashion-MNIST package that this machine happens to have and CI may not."""
+    import pipeline.data
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PIPELINE_NO_DOWNLOAD", "1")
+        mp.setenv("PIPELINE_DATA_CACHE", str(tmp_path_factory.mktemp("data-cache")))
+        for var in MLFLOW_ENV:
+            mp.delenv(var, raising=False)
+        mp.setattr(pipeline.data, "DEBIAN_FASHION_MNIST",
+                   tmp_path_factory.mktemp("no-debian-package") / "fashion-mnist")
+        yield
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The digits splits every trainer test shares (read-only, like load_splits' own cache)."""
+    from pipeline.data import load_splits
+
+    return load_splits("digits")
+
+
+@pytest.fixture
+def fresh_splits_cache():
+    """load_splits is lru_cache'd per process: tests that change what is on disk start clean."""
+    from pipeline.data import load_splits
+
+    load_splits.cache_clear()
+    yield load_splits
+    load_splits.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory) -> Path:
+    """A real SQLite tracking store with its schema made once: creating the schema costs seconds,
+    copying the file does not. (Default experiment's artifacts go under this folder.)"""
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("mlflow-template")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}").search_experiments()
+    return root / "mlflow.db"
+
+
+def new_store(folder: Path, template: Path) -> str:
+    """A fresh copy of the empty store in `folder`; returns its tracking URI."""
+    shutil.copyfile(template, folder / "mlflow.db")
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch, empty_mlflow_db):
+    """An empty tracking store of our own in tmp_path, set as MLFLOW_TRACKING_URI, with cwd
+    there too (MLflow puts a SQLite store's artifacts under ./mlruns of the working directory
+    when it creates an experiment)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = new_store(tmp_path, empty_mlflow_db)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+@pytest.fixture
+def subprocess_env():
+    """The test's environment (offline settings included, no inherited MLflow variables) with
+    this interpreter first on PATH, so `python` in an MLproject command is the one running
+    the tests."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in MLFLOW_ENV}
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
