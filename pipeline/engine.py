@@ -6,9 +6,11 @@ tracking store) runs before the Optuna study or any MLflow run is created.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,6 +28,7 @@ from pipeline.summary import format_trial_line, summarize
 BAD_INPUT = (ConfigError, storage_mod.StorageError, DatasetNotFound,
              tracking.TrackingUnavailable, narrow.NarrowingError)
 MAX_CONSECUTIVE_FAILURES = 5
+EXIT_FAILED = 1
 SMOKE_TRIALS = 3
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -77,9 +80,8 @@ def plan_study(opts) -> Plan:
     seed = cfg.sampler.seed if opts.seed is None else opts.seed
     parent_key = None
     if cfg.parent:
-        parent_file = load_study(cfg.parent, studies_dir or
-                                 resolve_study_path(opts.study).parent).dataset
-        parent_key = study_key(cfg.parent, parent_file, cfg.dataset, opts.smoke)
+        parent = load_study(cfg.parent, studies_dir or resolve_study_path(opts.study).parent)
+        parent_key = study_key(parent.name, parent.dataset, cfg.dataset, opts.smoke)
     return Plan(cfg, study_key(cfg.name, file_dataset, cfg.dataset, opts.smoke), n_trials, seed,
                 storage_mod.parse_storage(opts.storage), parent_key,
                 resolve_study_path(opts.study, studies_dir or STUDIES_DIR))
@@ -89,14 +91,17 @@ def run_study(opts) -> int:
     """Check, create or resume, run, summarise. Returns the exit code."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     plan = plan_study(opts)
+    if (plan.parent_key and not opts.smoke and plan.storage.path
+            and not Path(plan.storage.path).exists()):
+        raise narrow.NarrowingError(_run_parent_first(plan))
     storage = storage_mod.open_storage(plan.storage)
     load_splits(plan.cfg.dataset, plan.cfg.fixed.get("data_dir"), plan.cfg.fixed.get("data_seed", 0),
                 plan.cfg.fixed.get("val_fraction", 0.2), plan.cfg.fixed.get("n_per_class"))
-    client = tracking.tracking_client()
-    tracking.check_store(client)
     narrowing = None
     if plan.parent_key and not _study_exists(storage, plan.key):
         narrowing = _narrow_from_parent(plan, storage, opts)
+    client = tracking.tracking_client()
+    tracking.check_store(client)
 
     study, search_space = _create_or_load(plan, storage, narrowing)
     _fail_stale(study, plan, client)
@@ -106,15 +111,21 @@ def run_study(opts) -> int:
     status = "KILLED"
     try:
         if opts.workers > 1:
-            _run_processes(opts, plan, ctx)
+            broken = _run_processes(opts, plan, ctx)
         else:
-            run_worker(ctx, study, plan, client, quiet=opts.quiet)
+            broken = run_worker(ctx, study, plan, client, quiet=opts.quiet)
         summary = summarize(study.get_trials(deepcopy=False), plan.cfg.objective.direction)
         _log_summary(client, run_id, plan, summary)
-        status = "FINISHED"
+        # A study that keeps failing, or has nothing to show, is a failed execution.
+        broken = broken or (summary["n_complete"] == 0 and summary["n_failed"] > 0)
+        status = "FAILED" if broken else "FINISHED"
     finally:
         tracking.end_run(client, run_id, status)
     _print_summary(plan, summary)
+    if broken:
+        print(f"[{plan.key}] failed: see the failed trials' error.txt in mlflow ui",
+              file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 
@@ -133,10 +144,7 @@ def _narrow_from_parent(plan: Plan, storage, opts) -> dict:
                   "running it in smoke mode first")
             run_study(replace(opts, study=plan.cfg.parent, n_trials=None))
         else:
-            raise narrow.NarrowingError(
-                f"parent study {plan.parent_key!r} has no completed trial in {plan.storage.url}. "
-                f"Run it first: python -m pipeline.search --study {plan.cfg.parent}"
-                + (f" --dataset {plan.cfg.dataset}" if plan.parent_key != plan.cfg.parent else ""))
+            raise narrow.NarrowingError(_run_parent_first(plan))
     parent = optuna.load_study(study_name=plan.parent_key, storage=storage)
     parent_space = parent.user_attrs["space"]
     trials = [{"number": t.number, "value": t.value, "params": t.params}
@@ -152,6 +160,12 @@ def _narrow_from_parent(plan: Plan, storage, opts) -> dict:
         print(f"[{plan.key}] warning: {name}'s best values crowd the {edge} edge of "
               f"{plan.parent_key}'s range; the optimum may lie outside it")
     return record
+
+
+def _run_parent_first(plan: Plan) -> str:
+    return (f"parent study {plan.parent_key!r} has no completed trial in {plan.storage.url}. "
+            f"Run it first: python -m pipeline.search --study {plan.cfg.parent}"
+            + (f" --dataset {plan.cfg.dataset}" if plan.parent_key != plan.cfg.parent else ""))
 
 
 def _completed(storage, key: str) -> bool:
@@ -220,8 +234,8 @@ def _fail_stale(study, plan: Plan, client) -> None:
     else:
         stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         for t in stale:
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             study._storage.set_trial_user_attr(t._trial_id, "error", "stale: its process died")
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
     for t in stale:
         run_id = t.user_attrs.get("mlflow_run_id")
         if run_id and client.get_run(run_id).info.status == "RUNNING":
@@ -284,22 +298,23 @@ def claim_trial(study, plan: Plan, deadline: float | None):
         return study.ask()
 
 
-def run_worker(ctx, study, plan: Plan, client, quiet: bool = False,
-               on_done=None) -> None:
-    """Claim and run trials until the budget is spent (or too many fail in a row)."""
+def run_worker(ctx, study, plan: Plan, client, quiet: bool = False) -> bool:
+    """Claim and run trials until the budget is spent. Returns True when it stopped because
+    too many trials failed in a row (a broken study, not bad luck)."""
     from tqdm import tqdm
 
     deadline = time.time() + plan.cfg.timeout if plan.cfg.timeout else None
     done = len(study.get_trials(deepcopy=False, states=FINISHED))
     bar = tqdm(total=plan.n_trials, initial=min(done, plan.n_trials), desc=plan.key,
                unit="trial", disable=True if quiet else None, leave=False, dynamic_ncols=True)
-    failures = 0
+    failures, trial = 0, None
     try:
         while (trial := claim_trial(study, plan, deadline)) is not None:
             t0 = time.perf_counter()
             with storage_mod.Heartbeat(study._storage, trial._trial_id):
                 state, value = objective.run_trial(ctx, trial, client)
             frozen = study.tell(trial, value, state=state)
+            trial = None
             line = format_trial_line(frozen, time.perf_counter() - t0, ctx.study.objective.metric)
             bar.write(line) if not bar.disable else print(line, flush=True)
             bar.update(1 if state in FINISHED else 0)
@@ -307,32 +322,40 @@ def run_worker(ctx, study, plan: Plan, client, quiet: bool = False,
             if failures >= MAX_CONSECUTIVE_FAILURES:
                 print(f"[{plan.key}] stopping: {failures} trials in a row failed; last error: "
                       f"{frozen.user_attrs.get('error')}", flush=True)
-                break
+                return True
+        return False
     except BaseException:
         # Ctrl-C / SIGTERM mid-trial: the trial fails (run_trial already KILLED its run).
-        if "trial" in locals() and trial is not None:
-            try:
+        if trial is not None:
+            with contextlib.suppress(Exception):
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-            except Exception:
-                pass
         raise
     finally:
         bar.close()
 
 
+EXIT_STOPPED_ON_FAILURES = 3
+
+
 def _worker_process(opts, ctx) -> None:
     """Entry point of a worker process (spawned): its own storage and tracking connections."""
-    plan = plan_study(replace(opts, smoke=opts.smoke))
+    import torch
+
+    # K workers share the machine's cores: without this each starts one thread per core.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // opts.workers))
+    plan = plan_study(opts)
     storage = storage_mod.open_storage(plan.storage)
     study = optuna.load_study(study_name=plan.key, storage=storage,
                               sampler=make_sampler(plan.cfg.sampler.name, plan.seed,
                                                    plan.cfg.sampler.options, ctx.space),
                               pruner=make_pruner(plan.cfg.pruner.name, plan.cfg.pruner.options,
                                                  _max_epochs(plan.cfg, ctx.space)))
-    run_worker(ctx, study, plan, tracking.tracking_client(), quiet=True)
+    if run_worker(ctx, study, plan, tracking.tracking_client(), quiet=True):
+        raise SystemExit(EXIT_STOPPED_ON_FAILURES)
 
 
-def _run_processes(opts, plan: Plan, ctx) -> None:
+def _run_processes(opts, plan: Plan, ctx) -> bool:
+    """Run K worker processes; True when one stopped because trials kept failing."""
     mp = multiprocessing.get_context("spawn")
     procs = [mp.Process(target=_worker_process, args=(opts, ctx), name=f"worker-{i}")
              for i in range(opts.workers)]
@@ -347,9 +370,10 @@ def _run_processes(opts, plan: Plan, ctx) -> None:
         for p in procs:
             p.join()
         raise
-    bad = [p.name for p in procs if p.exitcode not in (0, None)]
+    bad = [p.name for p in procs if p.exitcode not in (0, EXIT_STOPPED_ON_FAILURES)]
     if bad:
         print(f"[{plan.key}] warning: {', '.join(bad)} exited abnormally")
+    return any(p.exitcode == EXIT_STOPPED_ON_FAILURES for p in procs)
 
 
 # -- summary ------------------------------------------------------------------------------------

@@ -8,6 +8,14 @@ import optuna
 
 from pipeline import space as space_mod
 
+class _GridSampler(optuna.samplers.GridSampler):
+    """Workers stop on the trial budget; Optuna's own after_trial calls study.stop(), which
+    raises outside study.optimize (our workers use ask/tell)."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+
+
 SAMPLERS = {
     "qmc": optuna.samplers.QMCSampler,
     "random": optuna.samplers.RandomSampler,
@@ -26,7 +34,7 @@ PRUNERS = {
 def make_sampler(name: str, seed: int, options: dict, space: dict) -> optuna.samplers.BaseSampler:
     """Quasi-random search is scrambled Sobol: wide exploration without grid artefacts."""
     if name == "grid":
-        return optuna.samplers.GridSampler(space_mod.grid(space), seed=seed, **options)
+        return _GridSampler(space_mod.grid(space), seed=seed, **options)
     if name == "qmc":
         options = {"scramble": True, "warn_independent_sampling": False, **options}
     with warnings.catch_warnings():  # QMC and GP are marked experimental; we chose them

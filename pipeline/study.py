@@ -224,10 +224,22 @@ def load_study(study: str, studies_dir: Path | None = None) -> StudyConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping of keys (name, dataset, space, ...)")
     try:
-        cfg = StudyConfig(**raw)
+        cfg, problems = StudyConfig(**raw), []
     except ValidationError as err:
-        raise ConfigError(format_problems(where, validation_problems(err))) from None
-    if problems := _semantic_problems(cfg, studies_dir):
+        cfg, problems = _without_invalid_entries(raw, err), validation_problems(err)
+    if cfg is not None:
+        problems += _semantic_problems(cfg, studies_dir)
+    if problems:
         raise ConfigError(format_problems(where, problems))
     return cfg
+
+
+def _without_invalid_entries(raw: dict, err: ValidationError) -> StudyConfig | None:
+    """The file less its invalid top-level entries, so that the checks pydantic cannot make
+    still run and every problem is reported at once."""
+    bad = {e["loc"][0] for e in err.errors() if e["loc"]}
+    try:
+        return StudyConfig(**{"name": "study", **{k: v for k, v in raw.items() if k not in bad}})
+    except ValidationError:
+        return None
 

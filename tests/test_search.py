@@ -1,0 +1,251 @@
+"""Running studies end to end (in-process, real digits training, real journal and SQLite stores):
+every shipped study in smoke mode, trial states mirrored on runs, resume, stale trials left by a
+killed process, and several worker processes sharing one study."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from optuna.trial import TrialState
+
+from pipeline.study import load_study
+from search_fixtures import (PARENT, RUN_STATUS, STUDIES, all_runs, artifact_paths, children,
+                             fresh_store, load, one_torch_thread, run_search,
+                             study_names, study_runs, write_study)
+
+assert one_torch_thread  # an autouse fixture, imported to apply to this module
+
+# A study that trains in a fraction of a second: fixed settings keep every trial tiny.
+TINY = {"schedule": "constant", "epochs": 1, "batch_size": 64}
+
+
+def tiny_study(folder, name, fixed=None, space=None, **top):
+    fixed = {**TINY, **(fixed or {})}
+    space = space or {"width": {"type": "int", "low": 8, "high": 16}}
+    body = {"name": name, "sampler": {"name": "random", "seed": 0}, "fixed": fixed,
+            "space": space, **top}
+    return write_study(folder, name, json.dumps(body))  # JSON is YAML
+
+
+# -- smoke mode: every shipped study file runs ----------------------------------------------------
+
+
+@pytest.mark.parametrize("path", sorted(STUDIES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_study_runs_in_smoke_mode(path, tmp_path, empty_mlflow_db):
+    client = fresh_store(tmp_path, empty_mlflow_db)
+    result = run_search(tmp_path, "--study", path.stem, "--smoke")
+    assert result.code == 0, result.err
+    cfg = load_study(path.stem)
+    chain = [cfg.name]
+    while cfg.parent:  # smoke mode runs the parents first, in smoke mode too
+        cfg = load_study(cfg.parent)
+        chain.append(cfg.name)
+    assert study_names(tmp_path) == sorted(f"{name}-smoke" for name in chain)
+    for name in chain:
+        key = f"{name}-smoke"
+        study = load(tmp_path, key)
+        assert len(study.trials) == 3
+        assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
+        (run,) = study_runs(client, key)
+        assert run.info.status == "FINISHED"
+        assert run.info.run_name == key
+        assert len(children(client, run.info.run_id)) == 3
+        # one cycle of one-epoch half-cycles: two epochs per trial
+        assert all(max(t.intermediate_values) <= 2 for t in study.trials)
+    assert not any(r.info.status == "RUNNING" for r in all_runs(client))
+    assert re.search(rf"\[{path.stem}-smoke\] \d complete, \d pruned, 0 failed "
+                     rf"\(of 3 requested\)", result.out), result.out
+
+
+# -- trial states on runs -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def failing(tmp_path_factory, empty_mlflow_db):
+    """A study whose fixed settings make every trial raise at run time (missing checkpoint)."""
+    folder = tmp_path_factory.mktemp("failing")
+    client = fresh_store(folder, empty_mlflow_db)
+    path = tiny_study(folder, "failing", fixed={"pretrained": "/nonexistent.pt",
+                                                "freeze": "features"}, n_trials=3)
+    return folder, client, run_search(folder, "--study", str(path))
+
+
+def test_failing_trials_are_fail_with_failed_runs_and_error_txt(failing):
+    folder, client, result = failing
+    study = load(folder, "failing")
+    assert study.trials and all(t.state == TrialState.FAIL for t in study.trials)
+    for t in study.trials:
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run.info.status == "FAILED"
+        assert "error.txt" in artifact_paths(client, run.info.run_id)
+        text = open(client.download_artifacts(run.info.run_id, "error.txt")).read()
+        assert "FileNotFoundError" in text and "/nonexistent.pt" in text
+        assert "FileNotFoundError" in t.user_attrs["error"]
+
+
+def test_study_stops_after_five_failures_in_a_row(failing):
+    folder, client, result = failing
+    study = load(folder, "failing")
+    # failed trials do not count towards n_trials (3), so the stop rule is what ends it
+    assert len(study.trials) == 5
+    assert "stopping: 5 trials in a row failed" in result.out
+    assert "FileNotFoundError" in result.out
+    (run,) = study_runs(client, "failing")
+    assert run.data.metrics["n_failed"] == 5 and run.data.metrics["n_complete"] == 0
+    assert "pipeline.best_model_uri" not in run.data.tags
+    # A study that keeps failing is a failed execution: non-zero exit, FAILED study run.
+    assert result.code == 1
+    assert run.info.status == "FAILED"
+    assert "failed: see the failed trials' error.txt" in result.err
+
+
+def test_diverged_trials_are_pruned_and_their_runs_killed(tmp_path, empty_mlflow_db):
+    client = fresh_store(tmp_path, empty_mlflow_db)
+    # lr * 2 * lambda = 200: the weights overflow within the first epoch
+    path = tiny_study(tmp_path, "diverging", fixed={"lr": 10.0, "l2_lambda": 10.0, "epochs": 3},
+                      n_trials=2)
+    result = run_search(tmp_path, "--study", str(path))
+    assert result.code == 0, result.err
+    study = load(tmp_path, "diverging")
+    assert [t.state for t in study.trials] == [TrialState.PRUNED] * 2
+    for t in study.trials:
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run.info.status == "KILLED"
+        assert "diverged" in run.data.tags["pipeline.pruned"]
+        assert "diverged" in t.user_attrs["pruned_reason"]
+    (run,) = study_runs(client, "diverging")
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["n_pruned"] == 2
+
+
+def test_a_grid_study_runs_its_whole_grid(tmp_path, empty_mlflow_db):
+    """`grid` is an accepted sampler. Optuna's GridSampler calls study.stop() once the grid is
+    used up, which raises outside study.optimize."""
+    client = fresh_store(tmp_path, empty_mlflow_db)
+    path = tiny_study(tmp_path, "grid", sampler={"name": "grid", "seed": 0}, n_trials=2,
+                      space={"width": {"type": "categorical", "choices": [8, 16]}})
+    result = run_search(tmp_path, "--study", str(path))
+    assert result.code == 0, result.err
+    study = load(tmp_path, "grid")
+    assert sorted(t.params["width"] for t in study.trials) == [8, 16]
+    (run,) = study_runs(client, "grid")
+    assert run.info.status == "FINISHED"
+
+
+def test_a_parent_whose_name_differs_from_its_file_name_still_narrows(tmp_path, empty_mlflow_db):
+    """`parent:` names a study file; the parent's Optuna study is named after its `name` key."""
+    client = fresh_store(tmp_path, empty_mlflow_db)
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    space = {"l2_lambda": {"type": "float", "low": 1e-5, "high": 1e-1, "log": True}}
+    tiny_study(studies, "a", space=space, n_trials=2)
+    (studies / "a.yaml").write_text((studies / "a.yaml").read_text()
+                                    .replace('"name": "a"', '"name": "alpha"'))
+    tiny_study(studies, "b", parent="a", n_trials=1)
+    assert run_search(tmp_path, "--study", str(studies / "a.yaml")).code == 0
+    result = run_search(tmp_path, "--study", str(studies / "b.yaml"))
+    assert result.code == 0, result.err
+    assert load(tmp_path, "b").user_attrs["narrowing"]["parent"] == "alpha"
+    assert study_runs(client, "b")[0].info.status == "FINISHED"
+
+
+# -- resume ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, empty_mlflow_db):
+    folder = tmp_path_factory.mktemp("resume")
+    client = fresh_store(folder, empty_mlflow_db)
+    first = run_search(folder, "--study", "coarse", "--n-trials", "3")
+    after_first = [(t.number, t.params) for t in load(folder, "coarse").trials]
+    second = run_search(folder, "--study", "coarse", "--n-trials", "5")
+    return folder, client, first, second, after_first
+
+
+def test_rerun_tops_the_study_up_to_n_trials_in_total(resumed):
+    folder, client, first, second, after_first = resumed
+    assert first.code == 0 and second.code == 0, first.err + second.err
+    trials = load(folder, "coarse").trials
+    assert len(trials) == 5  # not 3 + 5
+    assert [t.number for t in trials] == [0, 1, 2, 3, 4]
+    assert [(t.number, t.params) for t in trials[:3]] == after_first  # kept, not redone
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert study_names(folder) == ["coarse"]
+
+
+def test_each_execution_is_its_own_study_run_with_its_trials_under_it(resumed):
+    folder, client, *_ = resumed
+    runs = sorted(study_runs(client, "coarse"), key=lambda r: r.info.start_time)
+    assert len(runs) == 2
+    assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
+    assert [r.data.params["study.n_trials"] for r in runs] == ["3", "5"]
+    trials = load(folder, "coarse").trials
+    owner = {t.number: client.get_run(t.user_attrs["mlflow_run_id"]).data.tags[PARENT]
+             for t in trials}
+    assert owner == {0: runs[0].info.run_id, 1: runs[0].info.run_id, 2: runs[0].info.run_id,
+                     3: runs[1].info.run_id, 4: runs[1].info.run_id}
+    assert runs[1].data.metrics["n_complete"] + runs[1].data.metrics["n_pruned"] == 5
+    assert load(folder, "coarse").user_attrs["mlflow_run_id"] == runs[1].info.run_id
+    assert len(all_runs(client)) == 2 + 5
+
+
+# -- stale trials left by a killed process --------------------------------------------------------
+
+
+def test_a_killed_process_leaves_trial_and_runs_that_the_next_run_fails_and_kills(
+        tmp_path, empty_mlflow_db):
+    client = fresh_store(tmp_path, empty_mlflow_db)
+    path = tiny_study(tmp_path, "stale", n_trials=1)
+    assert run_search(tmp_path, "--study", str(path)).code == 0
+    # What a process killed mid-trial leaves: its study run and trial run RUNNING, its trial
+    # RUNNING in the journal, pointing at the run.
+    study = load(tmp_path, "stale")
+    dead_study_run = client.create_run("0", run_name="stale", tags={
+        "pipeline.kind": "study", "pipeline.study": "stale"}).info.run_id
+    dead_trial_run = client.create_run("0", run_name="stale-001", tags={
+        PARENT: dead_study_run, "pipeline.kind": "trial"}).info.run_id
+    trial = study.ask()
+    trial.set_user_attr("mlflow_run_id", dead_trial_run)
+
+    result = run_search(tmp_path, "--study", str(path), "--n-trials", "2")
+    assert result.code == 0, result.err
+    assert "marked 1 stale trial(s) failed: [1]" in result.out
+    trials = load(tmp_path, "stale").trials
+    assert trials[1].state == TrialState.FAIL
+    assert "stale" in trials[1].user_attrs["error"]
+    assert client.get_run(dead_trial_run).info.status == "KILLED"
+    assert client.get_run(dead_study_run).info.status == "KILLED"
+    # the failed trial does not count: one more trial tops the study up to 2
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL,
+                                         TrialState.COMPLETE]
+    assert not any(r.info.status == "RUNNING" for r in all_runs(client))
+
+
+# -- several workers ------------------------------------------------------------------------------
+
+
+def test_two_workers_share_one_study_and_run_exactly_n_trials(tmp_path, empty_mlflow_db,
+                                                             monkeypatch):
+    client = fresh_store(tmp_path, empty_mlflow_db)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the spawned workers: see one_torch_thread
+    result = run_search(tmp_path, "--study", "coarse", "--n-trials", "5", "--workers", "2")
+    assert result.code == 0, result.err
+    assert "exited abnormally" not in result.out
+    trials = load(tmp_path, "coarse").trials
+    assert len(trials) == 5
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3, 4]
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    (study_run,) = study_runs(client, "coarse")
+    assert study_run.info.status == "FINISHED"
+    runs = all_runs(client)
+    trial_runs = [r for r in runs if r.info.run_id != study_run.info.run_id]
+    assert len(trial_runs) == 5
+    assert {r.data.tags[PARENT] for r in trial_runs} == {study_run.info.run_id}
+    assert sorted(r.data.tags["pipeline.trial_number"] for r in trial_runs) == list("01234")
+    assert {t.user_attrs["mlflow_run_id"] for t in trials} == {r.info.run_id for r in trial_runs}
+    for t in trials:
+        assert client.get_run(t.user_attrs["mlflow_run_id"]).info.status == RUN_STATUS[t.state]
+    assert not any(r.info.status == "RUNNING" for r in runs)
+    assert study_run.data.metrics["n_complete"] + study_run.data.metrics["n_pruned"] == 5
