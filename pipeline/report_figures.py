@@ -163,7 +163,7 @@ def top_curves(data: StudyData) -> Figure:
 def lr_schedule(data: StudyData) -> Figure:
     """The best trial's schedule at every update, recomputed from its settings (no training)."""
     from pipeline.config import TrainConfig
-    from pipeline.train import lr_schedule_values
+    from pipeline.schedule import lr_schedule_values
 
     cfg = data.best_artifacts.get("config")
     hist = data.histories.get(int(data.best.number))

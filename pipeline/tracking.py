@@ -12,12 +12,14 @@ import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from pipeline.train import EpochRecord
+if TYPE_CHECKING:  # the annotation only: the report reads MLflow without importing torch
+    from pipeline.train import EpochRecord
 
 BATCH = 1000  # MLflow's log_batch limit for metrics
 PARAM_BATCH = 100

@@ -22,6 +22,7 @@ from torch import nn
 from pipeline.config import TrainConfig
 from pipeline.data import Splits, load_splits
 from pipeline.model import build_model, count_params, weight_matrices
+from pipeline.schedule import lr_schedule_values  # noqa: F401  (re-exported)
 
 EVAL_BATCH = 4096
 
@@ -117,22 +118,6 @@ def _steps_per_epoch(n_train: int, batch_size: int) -> int:
     if n_train % batch_size == 1 and n_train > batch_size:
         return n_train // batch_size
     return math.ceil(n_train / batch_size)
-
-
-def lr_schedule_values(cfg: TrainConfig, steps_per_epoch: int) -> tuple[list[int], list[float]]:
-    """The learning rate used at every update of a run, in closed form (for reports).
-
-    Triangular schedule of Smith (2017) with half-cycle n_s: rising from eta_min to eta_max over
-    n_s updates, falling back over the next n_s. Tests check it against torch's CyclicLR.
-    """
-    total = cfg.n_epochs * steps_per_epoch
-    steps = list(range(total))
-    if cfg.schedule == "constant":
-        return steps, [cfg.lr] * total
-    n_s = cfg.step_size_epochs * steps_per_epoch
-    lrs = [cfg.eta_min + (cfg.eta_max - cfg.eta_min) * (1 - abs(t / n_s - 2 * (t // (2 * n_s)) - 1))
-           for t in steps]
-    return steps, lrs
 
 
 def l2_term(model: nn.Module) -> torch.Tensor:

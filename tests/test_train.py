@@ -336,3 +336,22 @@ def test_pretrained_of_another_architecture_is_refused(digits, tmp_path):
     torch.save(build_model(constant(width=32), digits.input_shape, 10).state_dict(), path)
     with pytest.raises(ValueError, match="does not fit"):
         train(constant(pretrained=str(path)), digits)
+
+
+@pytest.mark.parametrize("steps_per_epoch,step_size_epochs,cycles", [(7, 2, 3), (12, 1, 1), (5, 3, 2)])
+def test_closed_form_schedule_matches_torch_cycliclr(steps_per_epoch, step_size_epochs, cycles):
+    """The reports draw the schedule without torch; it must be the one training used."""
+    from pipeline.schedule import lr_schedule_values
+
+    cfg = TrainConfig(eta_min=1e-5, eta_max=0.3, step_size_epochs=step_size_epochs, cycles=cycles)
+    steps, lrs = lr_schedule_values(cfg, steps_per_epoch)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = make_scheduler(cfg, opt, steps_per_epoch)
+    expected = []
+    for _ in steps:
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert len(steps) == 2 * step_size_epochs * steps_per_epoch * cycles
+    assert lrs == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert max(lrs) == pytest.approx(0.3) and min(lrs) == pytest.approx(1e-5)
