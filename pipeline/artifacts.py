@@ -14,6 +14,8 @@ from pipeline.data import Splits
 from pipeline.train import TrainResult
 
 WEIGHTS = "model/state_dict.pt"
+EXAMPLES = "examples.npz"
+N_EXAMPLES = 25
 
 
 def history_frame(result: TrainResult) -> pd.DataFrame:
@@ -27,6 +29,24 @@ def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> 
     return np.bincount(flat, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
+def examples_npz(splits: Splits, test_pred: np.ndarray, n: int = N_EXAMPLES) -> bytes:
+    """What a report needs from the dataset, so that it never loads one: class counts of each
+    split, and the first misclassified and correctly classified test images with labels."""
+    y = splits.y_test.numpy()
+    pred = np.asarray(test_pred)
+    wrong, right = np.flatnonzero(pred != y), np.flatnonzero(pred == y)
+    k = splits.n_classes
+    buf = io.BytesIO()
+    np.savez(buf, classes=np.array(splits.classes, dtype=str),
+             train_counts=np.bincount(splits.y_train.numpy(), minlength=k),
+             val_counts=np.bincount(splits.y_val.numpy(), minlength=k),
+             test_counts=np.bincount(y, minlength=k), n_wrong=np.array(len(wrong)),
+             wrong_images=splits.x_test[wrong[:n]].numpy(), wrong_true=y[wrong[:n]],
+             wrong_pred=pred[wrong[:n]], right_images=splits.x_test[right[:n]].numpy(),
+             right_true=y[right[:n]])
+    return buf.getvalue()
+
+
 def weights_bytes(model: torch.nn.Module) -> bytes:
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
@@ -36,7 +56,8 @@ def weights_bytes(model: torch.nn.Module) -> bytes:
 def training_artifacts(result: TrainResult, splits: Splits, with_figures: bool = True,
                        with_weights: bool = True) -> dict[str, bytes | str]:
     """Learning curves, confusion matrix, misclassified examples, gradient norms, history,
-    the resolved configuration and the weights of the best-validation model."""
+    class counts and example images, the resolved configuration and the weights of the
+    best-validation model."""
     y_true, y_pred = splits.y_test.numpy(), result.test_pred.numpy()
     cm = confusion_counts(y_true, y_pred, splits.n_classes)
     files: dict[str, bytes | str] = {
@@ -44,6 +65,7 @@ def training_artifacts(result: TrainResult, splits: Splits, with_figures: bool =
         "config.json": json.dumps(result.config.model_dump(), indent=2),
         "confusion_matrix.csv": pd.DataFrame(cm, index=splits.classes, columns=splits.classes)
                                   .to_csv(),
+        EXAMPLES: examples_npz(splits, y_pred),
     }
     if with_weights:
         files[WEIGHTS] = weights_bytes(result.model)

@@ -63,28 +63,13 @@ def _importances(data) -> dict[str, float]:
         return {}
 
 
-def _splits_for(data):
-    from pipeline.config import TrainConfig
-    from pipeline.data import load_splits
-
-    cfg = data.best_artifacts.get("config")
-    if not cfg:
-        return None
-    try:
-        c = TrainConfig(**cfg)
-        return load_splits(c.dataset, c.data_dir, c.data_seed, c.val_fraction, c.n_per_class)
-    except Exception:  # dataset not on this machine: the figure says so instead
-        return None
-
-
-def baseline_row(splits) -> dict:
+def baseline_row(examples: dict) -> dict:
     """A constant predictor (the training split's majority class), for scale."""
-    import torch
-
-    majority = int(torch.bincount(splits.y_train).argmax())
-    return {"number": "baseline: always predict class " + splits.classes[majority],
-            "objective": float((splits.y_val == majority).float().mean()),
-            "test_acc": float((splits.y_test == majority).float().mean()), "n_params": 0}
+    majority = int(examples["train_counts"].argmax())
+    return {"number": f"baseline: always predict class {examples['classes'][majority]}",
+            "objective": float(examples["val_counts"][majority] / examples["val_counts"].sum()),
+            "test_acc": float(examples["test_counts"][majority] / examples["test_counts"].sum()),
+            "n_params": 0}
 
 
 def study_sections(data, prefix: str) -> list[Section]:
@@ -92,20 +77,20 @@ def study_sections(data, prefix: str) -> list[Section]:
     from pipeline.figures import to_png
 
     summary = rd.summary_table(data)
-    splits = _splits_for(data)
     top = rd.top_trials(data)
-    if splits is not None:
-        top = pd.concat([top, pd.DataFrame([baseline_row(splits)])], ignore_index=True)
+    if "examples" in data.best_artifacts:
+        top = pd.concat([top, pd.DataFrame([baseline_row(data.best_artifacts["examples"])])],
+                        ignore_index=True)
     flags = rd.boundary_flags(data)
     text = (f"Objective: {data.metric} ({data.direction}), the best epoch of each trial on the "
             "validation split; test accuracy is shown for reporting, never used to select.")
     if flags:
         text += " Boundary flags: " + ", ".join(f"{k} near the {v} edge" for k, v in flags.items())
     head = Section(f"Study {data.key}", text, [
-        ("summary", pd.DataFrame([summary]).T.rename(columns={0: "value"})),
-        ("top_trials", top)])
+        (f"{prefix}summary", pd.DataFrame([summary]).T.rename(columns={0: "value"})),
+        (f"{prefix}top_trials", top)])
     if data.narrowing:
-        head.tables.append(("narrowing", rd.range_changes(data)))
+        head.tables.append((f"{prefix}narrowing", rd.range_changes(data)))
     fig_specs = [
         ("history", rf.history(data)), ("objective_vs_params", rf.objective_vs_params(data)),
         ("pair", rf.pair(data)), ("parallel_coordinates", rf.parallel_coordinates(data)),
@@ -113,7 +98,7 @@ def study_sections(data, prefix: str) -> list[Section]:
                                                          "importance")),
         ("top_curves", rf.top_curves(data)), ("lr_schedule", rf.lr_schedule(data)),
         ("generalisation", rf.generalisation(data)), ("confusion", rf.confusion(data)),
-        ("misclassified", rf.misclassified(data, splits)), ("grad_norms", rf.grad_norms(data)),
+        ("misclassified", rf.misclassified(data)), ("grad_norms", rf.grad_norms(data)),
     ]
     figs = Section(f"Figures: {data.key}")
     for name, fig in fig_specs:
@@ -129,9 +114,6 @@ def comparison_section(datas) -> Section:
                   "Best, quartiles and median of the objective over complete trials; trials "
                   "needed to reach each study's best; boundary flags.",
                   [("comparison", rd.compare_studies(datas))])
-    for d in datas:
-        if d.narrowing:
-            sec.tables.append((f"ranges_{d.key}", rd.range_changes(d)))
     sec.figures.append(("compare.png", rf.CAPTIONS["compare"], to_png(rf.compare_objectives(datas))))
     return sec
 
@@ -219,7 +201,12 @@ def write_report(out_dir: Path, title: str, sections: list[Section]) -> Path:
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}-old-{os.getpid()}")
             out_dir.rename(old)
-        tmp.rename(out_dir)
+        try:
+            tmp.rename(out_dir)
+        except BaseException:
+            if old is not None and not out_dir.exists():
+                old.rename(out_dir)  # put the previous report back
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -246,7 +233,7 @@ def make_report(client, keys: Sequence[str], out_root: Path, log: bool = True) -
     out = write_report(Path(out_root) / name, title, build_sections(datas, parents))
     if log:
         client.log_artifacts(datas[-1].study_run_id, str(out), "report")
-        tracking.set_tags(client, datas[-1].study_run_id, {"pipeline.report": str(out)})
+        tracking.set_tags(client, datas[-1].study_run_id, {"pipeline.report": str(out.resolve())})
     return out
 
 
@@ -269,6 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ReportError, tracking.TrackingUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted: the previous report, if any, is unchanged", file=sys.stderr)
+        return 130
     print(f"report written to {out}/index.html (and report.md)")
     return 0
 

@@ -192,7 +192,8 @@ def extract_study(client: MlflowClient, key: str, top_n: int = 5) -> StudyData:
 def _best_artifacts(client: MlflowClient, run_id: str) -> dict:
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("config.json", "confusion_matrix.csv", "test_predictions.npy"):
+        for name in ("config.json", "confusion_matrix.csv", "test_predictions.npy",
+                     "examples.npz"):
             try:
                 path = Path(client.download_artifacts(run_id, name, tmp))
             except Exception:
@@ -201,6 +202,9 @@ def _best_artifacts(client: MlflowClient, run_id: str) -> dict:
                 out["config"] = json.loads(path.read_text())
             elif name.endswith(".csv"):
                 out["confusion"] = pd.read_csv(path, index_col=0)
+            elif name.endswith(".npz"):
+                with np.load(path, allow_pickle=False) as npz:
+                    out["examples"] = {k: npz[k] for k in npz.files}
             else:
                 out["predictions"] = np.load(path, allow_pickle=False)
     return out
@@ -251,7 +255,8 @@ def best_so_far(data: StudyData) -> pd.DataFrame:
     """Objective of each trial in order, and the running best over complete trials."""
     t = data.trials.sort_values("number")[["number", "state", "objective", "last_value"]].copy()
     obj = t.objective.where(t.state == "complete")
-    t["best_so_far"] = obj.cummax() if data.direction == "maximize" else obj.cummin()
+    best = obj.cummax() if data.direction == "maximize" else obj.cummin()
+    t["best_so_far"] = best.ffill()  # pruned and failed trials keep the best so far
     return t
 
 

@@ -204,15 +204,14 @@ def confusion(data: StudyData) -> Figure:
     return fig
 
 
-def misclassified(data: StudyData, splits) -> Figure:
-    preds = data.best_artifacts.get("predictions")
-    if preds is None or splits is None or len(preds) != len(splits.y_test):
-        return _missing("test predictions or the dataset are not available here")
-    y = splits.y_test.numpy()
-    wrong = np.flatnonzero(preds != y)[:25]
-    return figures.example_grid(splits.x_test[wrong].numpy(), y[wrong], preds[wrong],
-                                splits.classes, f"Misclassified test examples of the best trial "
-                                f"({len(np.flatnonzero(preds != y))} of {len(y)})")
+def misclassified(data: StudyData) -> Figure:
+    ex = data.best_artifacts.get("examples")
+    if ex is None:
+        return _missing("the best trial logged no example images")
+    return figures.example_grid(
+        ex["wrong_images"], ex["wrong_true"], ex["wrong_pred"], list(ex["classes"]),
+        f"Misclassified test examples of the best trial ({int(ex['n_wrong'])} of "
+        f"{int(ex['test_counts'].sum())})")
 
 
 def grad_norms(data: StudyData) -> Figure:

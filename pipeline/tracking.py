@@ -36,6 +36,11 @@ def tracking_client() -> MlflowClient:
 
 def check_store(client: MlflowClient) -> None:
     """Fail early, before anything is trained, when the tracking store is unusable."""
+    # One quick probe: MLflow's default HTTP policy (7 retries, exponential backoff) takes
+    # minutes to give up on a refused connection. A user's own settings win.
+    probe = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    unset = [k for k in probe if k not in os.environ]
+    os.environ.update({k: probe[k] for k in unset})
     try:
         client.search_experiments(max_results=1)
     except Exception as err:
@@ -44,6 +49,9 @@ def check_store(client: MlflowClient) -> None:
             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
             "Check MLFLOW_TRACKING_URI (unset it to use ./mlflow.db), or start the server."
         ) from None
+    finally:
+        for k in unset:
+            os.environ.pop(k, None)
 
 
 def resolve_experiment(client: MlflowClient, name: str | None = None) -> str:
