@@ -80,8 +80,8 @@ def lr_schedule(steps: Sequence[int], lrs: Sequence[float], title: str = "") -> 
     fig = Figure(figsize=(7, 3.2), layout="constrained")
     ax = fig.subplots()
     ax.plot(steps, lrs)
-    ax.set(xlabel="update step", ylabel="learning rate", yscale="log",
-           title=title or "Learning-rate schedule")
+    # Linear axis: the triangles of a cyclical schedule stay triangles.
+    ax.set(xlabel="update step", ylabel="learning rate", title=title or "Learning-rate schedule")
     ax.grid(alpha=0.3)
     return fig
 

@@ -14,11 +14,13 @@ import argparse
 import base64
 import html
 import math
+import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,9 +74,44 @@ def baseline_row(examples: dict) -> dict:
             "n_params": 0}
 
 
+def _importance_figure(data):
+    from pipeline import report_figures as rf
+
+    return rf.importance(_importances(data), f"{data.key}: hyperparameter importance")
+
+
+STUDY_FIGURES = ("history", "objective_vs_params", "pair", "parallel_coordinates", "importance",
+                 "top_curves", "lr_schedule", "generalisation", "confusion", "misclassified",
+                 "grad_norms")
+_rendering = None  # the StudyData being rendered, inherited by forked workers
+
+
+def _render_one(name: str) -> bytes:
+    from pipeline import report_figures as rf
+    from pipeline.figures import to_png
+
+    build = _importance_figure if name == "importance" else getattr(rf, name)
+    return to_png(build(_rendering))
+
+
+def render_figures(data) -> dict[str, bytes]:
+    """Every figure of a study as PNG bytes. The figures are independent, so with several cores
+    they are drawn by forked workers (which inherit ``data``: nothing is pickled but the PNGs)."""
+    global _rendering
+    _rendering = data
+    workers = min(len(STUDY_FIGURES), os.cpu_count() or 1)
+    try:
+        if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+            ctx = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                return dict(zip(STUDY_FIGURES, pool.map(_render_one, STUDY_FIGURES)))
+        return {name: _render_one(name) for name in STUDY_FIGURES}
+    finally:
+        _rendering = None
+
+
 def study_sections(data, prefix: str) -> list[Section]:
     from pipeline import report_data as rd, report_figures as rf
-    from pipeline.figures import to_png
 
     summary = rd.summary_table(data)
     top = rd.top_trials(data)
@@ -91,18 +128,9 @@ def study_sections(data, prefix: str) -> list[Section]:
         (f"{prefix}top_trials", top)])
     if data.narrowing:
         head.tables.append((f"{prefix}narrowing", rd.range_changes(data)))
-    fig_specs = [
-        ("history", rf.history(data)), ("objective_vs_params", rf.objective_vs_params(data)),
-        ("pair", rf.pair(data)), ("parallel_coordinates", rf.parallel_coordinates(data)),
-        ("importance", rf.importance(_importances(data), f"{data.key}: hyperparameter "
-                                                         "importance")),
-        ("top_curves", rf.top_curves(data)), ("lr_schedule", rf.lr_schedule(data)),
-        ("generalisation", rf.generalisation(data)), ("confusion", rf.confusion(data)),
-        ("misclassified", rf.misclassified(data)), ("grad_norms", rf.grad_norms(data)),
-    ]
     figs = Section(f"Figures: {data.key}")
-    for name, fig in fig_specs:
-        figs.figures.append((f"{prefix}{name}.png", rf.CAPTIONS[name], to_png(fig)))
+    for name, png in render_figures(data).items():
+        figs.figures.append((f"{prefix}{name}.png", rf.CAPTIONS[name], png))
     return [head, figs]
 
 
