@@ -43,10 +43,13 @@ def trial_seed(study_seed: int, number: int) -> int:
 
 
 class _EpochLogger:
-    """Per-epoch callback: buffers metrics for MLflow, reports to the pruner."""
+    """Per-epoch callback: buffers metrics for MLflow (with the run's params until they are
+    written), reports to the pruner."""
 
-    def __init__(self, client: MlflowClient, run_id: str, trial: optuna.Trial, metric: str):
+    def __init__(self, client: MlflowClient, run_id: str, trial: optuna.Trial, metric: str,
+                 params: dict):
         self.client, self.run_id, self.trial, self.metric = client, run_id, trial, metric
+        self.params: dict | None = params  # logged with the first write
         self.buffer: list[EpochRecord] = []
         self.last_flush = time.perf_counter()
         self.seconds = 0.0  # spent here, inside train(): orchestration, not training
@@ -61,40 +64,39 @@ class _EpochLogger:
     def _on_epoch(self, record: EpochRecord) -> None:
         self.buffer.append(record)
         if record.diverged:
-            self.flush()
             raise optuna.TrialPruned(f"diverged at epoch {record.epoch} (non-finite loss)")
         self.trial.report(record.metrics[self.metric], record.epoch)
         if time.perf_counter() - self.last_flush > FLUSH_SECONDS:
             self.flush()
         if self.trial.should_prune():
-            self.flush()
             raise optuna.TrialPruned(f"pruned at epoch {record.epoch}")
 
-    def flush(self) -> None:
-        if self.buffer:
-            tracking.log_epochs(self.client, self.run_id, self.buffer)
-            self.buffer = []
+    def flush(self, final: dict | None = None, final_step: int = 0,
+              tags: dict | None = None) -> None:
+        """Write what is buffered (and the final metrics and tags) in one batch."""
+        tracking.log_epochs(self.client, self.run_id, self.buffer, final=final,
+                            final_step=final_step, params=self.params, tags=tags)
+        self.buffer, self.params = [], None
         self.last_flush = time.perf_counter()
 
 
 def run_trial(ctx: TrialContext, trial: optuna.Trial, client: MlflowClient
               ) -> tuple[optuna.trial.TrialState, float | None]:
     """Train one trial and log it; returns the state and value to tell the study."""
-    started = time.perf_counter()
     params = space.suggest(trial, ctx.space)
     seed = ctx.study.fixed.get("seed", trial_seed(ctx.seed, trial.number))
     run_name = f"{ctx.study_key}-{trial.number:03d}"
     run_id = tracking.start_run(client, ctx.experiment_id, run_name, parent_id=ctx.study_run_id,
                                 tags={"pipeline.kind": "trial", "pipeline.study": ctx.study_key,
                                       "pipeline.trial_number": str(trial.number)})
-    trial.set_user_attr("mlflow_run_id", run_id)
+    trial.set_user_attr("mlflow_run_id", run_id)  # at once: a crash must find its run
     logger = None
     try:
         cfg = ctx.study.train_config({"seed": seed, **params})
-        tracking.log_params(client, run_id, {**cfg.model_dump(), "trial_number": trial.number})
         splits = load_splits(cfg.dataset, cfg.data_dir, cfg.data_seed, cfg.val_fraction,
                              cfg.n_per_class)
-        logger = _EpochLogger(client, run_id, trial, ctx.study.objective.metric)
+        logger = _EpochLogger(client, run_id, trial, ctx.study.objective.metric,
+                              {**cfg.model_dump(), "trial_number": trial.number})
         t_train = time.perf_counter()
         try:
             result = train(cfg, splits, on_epoch=logger)
@@ -103,10 +105,7 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial, client: MlflowClient
                                 time.perf_counter() - t_train - logger.seconds)
         value = _objective_value(result, ctx.study.objective)
         final = {**result.final_metrics(), "objective": value}
-        # Remaining epochs and the final metrics in one write.
-        tracking.log_epochs(client, run_id, logger.buffer, final=final,
-                            final_step=result.history[-1].step)
-        logger.buffer = []
+        logger.flush(final, result.history[-1].step)
         files = artifacts.training_artifacts(result, splits, with_figures=False)
         files["test_predictions.npy"] = _npy(result.test_pred.numpy().astype(np.int16))
         tracking.log_artifacts(client, run_id, files)
@@ -114,14 +113,16 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial, client: MlflowClient
         tracking.end_run(client, run_id, "FINISHED")
         return optuna.trial.TrialState.COMPLETE, value
     except optuna.TrialPruned as pruned:
-        if logger is not None:
-            logger.flush()
+        logger.flush(tags={"pipeline.pruned": str(pruned)})
         trial.set_user_attr("pruned_reason", str(pruned))
-        tracking.set_tags(client, run_id, {"pipeline.pruned": str(pruned)})
         tracking.end_run(client, run_id, "KILLED")
         return optuna.trial.TrialState.PRUNED, None
     except Exception:
         text = traceback.format_exc()
+        if logger is not None:
+            logger.flush()
+        else:  # failed before training started: still record what was sampled
+            tracking.log_params(client, run_id, {**params, "trial_number": trial.number})
         trial.set_user_attr("error", text.strip().splitlines()[-1][:500])
         tracking.log_artifacts(client, run_id, {"error.txt": text})
         tracking.end_run(client, run_id, "FAILED")
@@ -129,8 +130,6 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial, client: MlflowClient
     except BaseException:  # Ctrl-C / SIGTERM: the trial ends, its run is KILLED
         tracking.end_run(client, run_id, "KILLED")
         raise
-    finally:
-        trial.set_user_attr("wall_seconds", time.perf_counter() - started)
 
 
 def _objective_value(result, objective) -> float:

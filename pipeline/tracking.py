@@ -110,15 +110,22 @@ def log_epoch(client: MlflowClient, run_id: str, record: EpochRecord) -> None:
 
 
 def log_epochs(client: MlflowClient, run_id: str, records: Iterable[EpochRecord],
-               final: Mapping[str, float] | None = None, final_step: int = 0) -> None:
-    """Several epochs' metrics (and optionally the run's final metrics) in as few calls as
-    MLflow allows."""
+               final: Mapping[str, float] | None = None, final_step: int = 0,
+               params: Mapping[str, object] | None = None,
+               tags: Mapping[str, object] | None = None) -> None:
+    """Several epochs' metrics, and optionally final metrics, params and tags, in as few calls
+    as MLflow allows (one, for a short run: each call is a database transaction)."""
     ts = int(time.time() * 1000)
     items = [Metric(k, float(v), ts, r.step)
              for r in records for k, v in {**r.metrics, "epoch": r.epoch}.items()]
     items += [Metric(k, float(v), ts, final_step) for k, v in (final or {}).items()]
-    for i in range(0, len(items), BATCH):
-        client.log_batch(run_id, metrics=items[i:i + BATCH])
+    p = [Param(k, "None" if v is None else str(v)) for k, v in sorted((params or {}).items())]
+    t = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    first = True
+    while first or items or p:
+        client.log_batch(run_id, metrics=items[:BATCH], params=p[:PARAM_BATCH],
+                         tags=t if first else [])
+        items, p, first = items[BATCH:], p[PARAM_BATCH:], False
 
 
 def log_artifacts(client: MlflowClient, run_id: str, files: Mapping[str, bytes | str],
