@@ -263,7 +263,9 @@ def best_so_far(data: StudyData) -> pd.DataFrame:
 def top_trials(data: StudyData, n: int = 10) -> pd.DataFrame:
     cols = ["number", *data.param_names, "objective", "test_acc", "train_cost", "n_params",
             "train_seconds"]
-    return data.ranked().head(n)[cols].reset_index(drop=True)
+    top = data.ranked().head(n)[cols].reset_index(drop=True)
+    top["n_params"] = top.n_params.astype("Int64")  # a count, printed as one
+    return top
 
 
 def range_changes(data: StudyData) -> pd.DataFrame:
