@@ -82,6 +82,9 @@ class TrainConfig(BaseModel):
     """Training seed: initialisation, shuffling and dropout."""
     device: str = "cpu"
     """`cpu`, `cuda`, or `auto` (cuda when available)."""
+    threads: int | None = Field(None, ge=1)
+    """CPU threads for this run (None: PyTorch's default, one per core). 1 is often as fast for
+    small models, and much faster when other processes share the cores."""
     pretrained: str | None = None
     """Path of a state dict saved by this pipeline to start from (transfer)."""
     freeze: Literal["none", "features"] = "none"

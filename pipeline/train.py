@@ -167,9 +167,15 @@ def train(cfg: TrainConfig, splits: Splits | None = None,
                              cfg.n_per_class)
     device = resolve_device(cfg.device)
     cuda = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(cfg.seed)
-        return _train(cfg, splits, device, on_epoch)
+    threads = torch.get_num_threads()
+    try:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(cfg.seed)
+            return _train(cfg, splits, device, on_epoch)
+    finally:  # leave the process as we found it
+        torch.set_num_threads(threads)
 
 
 def _train(cfg, splits, device, on_epoch) -> TrainResult:

@@ -355,3 +355,12 @@ def test_closed_form_schedule_matches_torch_cycliclr(steps_per_epoch, step_size_
     assert len(steps) == 2 * step_size_epochs * steps_per_epoch * cycles
     assert lrs == pytest.approx(expected, rel=1e-12, abs=1e-15)
     assert max(lrs) == pytest.approx(0.3) and min(lrs) == pytest.approx(1e-5)
+
+
+def test_threads_setting_applies_during_the_run_and_is_restored(digits):
+    before = torch.get_num_threads()
+    seen = []
+    cfg = TrainConfig(depth=1, width=16, cycles=1, step_size_epochs=1, threads=1)
+    train(cfg, digits, on_epoch=lambda rec: seen.append(torch.get_num_threads()))
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == before
