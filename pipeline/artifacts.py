@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline import figures
 from pipeline.data import Splits
 from pipeline.train import TrainResult
 
@@ -70,6 +69,8 @@ def training_artifacts(result: TrainResult, splits: Splits, with_figures: bool =
     if with_weights:
         files[WEIGHTS] = weights_bytes(result.model)
     if with_figures:
+        from pipeline import figures  # matplotlib and seaborn cost seconds to import
+
         history = [{"step": r.step, **r.metrics} for r in result.history]
         title = f"{splits.name}: best val acc {result.best_val_acc:.4f}, test acc {result.test_acc:.4f}"
         wrong = np.flatnonzero(y_true != y_pred)[:25]
