@@ -25,6 +25,7 @@ from pipeline.model import build_model, count_params, weight_matrices
 from pipeline.schedule import lr_schedule_values  # noqa: F401  (re-exported)
 
 EVAL_BATCH = 4096
+GRAD_SAMPLES = 16  # updates per epoch on which per-layer gradient norms are measured
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,13 @@ def _train(cfg, splits, device, on_epoch) -> TrainResult:
     n_train, bs = len(x_tr), cfg.batch_size
     steps_per_epoch = _steps_per_epoch(n_train, bs)
     optimizer = make_optimizer(cfg, model)
-    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
+    # A constant rate needs no scheduler: one Python call less per update.
+    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch) if cfg.schedule != "constant" \
+        else None
+    # Gradient magnitudes are sampled on about GRAD_SAMPLES updates per epoch: each sample
+    # costs a few kernel launches, which would show on small models if taken every update.
+    grad_every = max(1, steps_per_epoch // GRAD_SAMPLES)
+    n_grad = len(range(0, steps_per_epoch, grad_every))
     weights = weight_matrices(model)
     tracked = {n: w for n, w in weights.items() if w.requires_grad}
     explicit_l2 = cfg.l2_lambda > 0 and cfg.optimizer != "adamw"
@@ -213,18 +220,19 @@ def _train(cfg, splits, device, on_epoch) -> TrainResult:
             cost = loss + cfg.l2_lambda * l2_term(model) if explicit_l2 else loss
             optimizer.zero_grad(set_to_none=True)
             cost.backward()
-            # Gradient magnitudes per layer, accumulated on-device: mean of squared norms.
-            grad_sq += torch.stack(torch._foreach_norm([w.grad for w in tracked.values()])) ** 2
+            if k % grad_every == 0:  # per-layer squared norms, accumulated on the device
+                grad_sq += torch.stack(torch._foreach_norm([w.grad for w in tracked.values()])) ** 2
             optimizer.step()
-            scheduler.step()
-            loss_sum += loss.detach() * len(idx)
+            if scheduler is not None:
+                scheduler.step()
+            loss_sum.add_(loss.detach(), alpha=len(idx))
             correct += (out.detach().argmax(1) == yb).sum()
         step += steps_per_epoch
         seconds = time.perf_counter() - t0
         train_loss = loss_sum.item() / n_train
         diverged = not math.isfinite(train_loss)
         with torch.no_grad():
-            penalty = cfg.l2_lambda * float(l2_term(model))
+            penalty = cfg.l2_lambda * float(l2_term(model)) if cfg.l2_lambda else 0.0
         metrics = {
             "train_loss": train_loss,
             "train_cost": train_loss + penalty,
@@ -236,7 +244,7 @@ def _train(cfg, splits, device, on_epoch) -> TrainResult:
             metrics["val_loss"], metrics["val_acc"], _ = evaluate(model, x_val, y_val)
             metrics["val_cost"] = metrics["val_loss"] + penalty
             diverged = not math.isfinite(metrics["val_loss"])
-        metrics |= {f"grad_norm/{n}": math.sqrt(v / steps_per_epoch)
+        metrics |= {f"grad_norm/{n}": math.sqrt(v / n_grad)
                     for n, v in zip(tracked, grad_sq.tolist())}
         record = EpochRecord(epoch, step, metrics, bool(cycle_epochs and epoch % cycle_epochs == 0),
                              diverged)
@@ -250,13 +258,11 @@ def _train(cfg, splits, device, on_epoch) -> TrainResult:
             break
 
     # Test once, on the model chosen by validation: for reporting, never for selection.
-    test_loss, test_acc, test_pred = evaluate(model, splits.x_test.to(device),
-                                              splits.y_test.to(device))
     if best_state is not None:
         model.load_state_dict(best_state)
-        test_loss, test_acc, test_pred = evaluate(model, splits.x_test.to(device),
-                                                  splits.y_test.to(device))
-    else:  # diverged before any finite epoch: there is no model to score
+    test_loss, test_acc, test_pred = evaluate(model, splits.x_test.to(device),
+                                              splits.y_test.to(device))
+    if best_state is None:  # diverged before any finite epoch: there is no model to score
         test_loss = test_acc = float("nan")
     return TrainResult(
         config=cfg, history=history, best_val_acc=best_val if best_state is not None else float("nan"),
