@@ -31,7 +31,37 @@ class TrackingUnavailable(RuntimeError):
 
 def tracking_client() -> MlflowClient:
     """A client on the standard URI resolution (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."""
+    import mlflow
+
+    if mlflow.get_tracking_uri().startswith("sqlite:"):
+        _sqlite_wal()  # before the client opens its first connection
     return MlflowClient()
+
+
+def _set_wal(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def _sqlite_wal() -> None:
+    """SQLite in write-ahead-log mode with synchronous=NORMAL: each MLflow write stops waiting
+    for a disk sync (a committed transaction survives a killed process; only a power cut can
+    lose the last ones), and readers such as `mlflow ui` no longer block writers. Registered
+    when a client is made, never at import."""
+    import sqlalchemy
+    from sqlalchemy.engine import Engine
+
+    if not sqlalchemy.event.contains(Engine, "connect", _set_wal_if_sqlite):
+        sqlalchemy.event.listen(Engine, "connect", _set_wal_if_sqlite)
+
+
+def _set_wal_if_sqlite(dbapi_connection, record) -> None:
+    import sqlite3
+
+    if isinstance(dbapi_connection, sqlite3.Connection):
+        _set_wal(dbapi_connection, record)
 
 
 def check_store(client: MlflowClient) -> None:
