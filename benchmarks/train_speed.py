@@ -1,6 +1,6 @@
 """Training speed of the pipeline's trainer against a minimal plain-PyTorch loop, in one process.
 
-    python benchmarks/train_speed.py                       # Fashion-MNIST, 5 epochs, 5 repeats
+    python benchmarks/train_speed.py                       # Fashion-MNIST, 5 epochs, 15 repeats
     python benchmarks/train_speed.py --epochs 2 --repeats 3 --dataset digits
 
 Both sides train a 784-256-256-10 ReLU MLP (for Fashion-MNIST; the input size follows the
@@ -16,9 +16,11 @@ evaluate validation accuracy after every epoch.
   (printed separately), like loading the dataset, which is done once for both sides.
 
 The sides run interleaved (plain/pipeline, then pipeline/plain, ...) because the machine is
-noisy; the table shows medians and the median of the per-repeat ratios. Memory: peak RSS
-(ru_maxrss) and the RSS growth from the end of epoch 1 to the end of the last epoch, which would
-be about the dataset's size per epoch if training copied the data every epoch.
+noisy; the table shows medians and the median of the per-repeat ratios. Each repeat waits for a
+quiet machine, and one during which other processes took more than --max-other cores is done
+again. Memory: peak RSS (ru_maxrss) and the RSS growth from the end of epoch 1 to the end of the
+last epoch, which would be about the dataset's size per epoch if training copied the data every
+epoch.
 """
 
 from __future__ import annotations
@@ -28,17 +30,19 @@ import os
 import resource
 import statistics
 import sys
-import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bench  # noqa: E402
+
 BATCH, LR, WIDTH, DEPTH = 128, 0.05, 256, 2
 TARGET_RATIO = 0.95
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def rss_bytes() -> int:
@@ -51,29 +55,15 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def busy_cpu_seconds() -> tuple[float, float]:
-    """(CPU seconds all processes have used, CPU seconds this process has used) so far.
-
-    Their difference over a run is what other processes took from us: load average cannot tell
-    that apart, since this benchmark itself keeps both cores busy.
-    """
-    with open("/proc/stat") as f:
-        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-    t = os.times()
-    return (user + nice + system + irq + softirq + steal) / _CLK_TCK, t.user + t.system
-
-
-def wait_until_quiet(max_other: float, deadline: float) -> float:
-    """Sleep until other processes use at most ``max_other`` cores over a 2-s window (or the
-    deadline passes); returns the last window's figure. With both cores taken by torch's threads,
-    one busy neighbour slows a run several-fold, so a disturbed run says nothing."""
+def wait_until_quiet(max_other: float, deadline: float) -> None:
+    """Sleep until other processes use at most ``max_other`` cores over a 2-s window, or the
+    deadline passes. Torch's threads take both cores, so one busy neighbour slows a run
+    several-fold: a disturbed run says nothing about the code."""
     while True:
-        all0, own0 = busy_cpu_seconds()
-        time.sleep(2.0)
-        all1, own1 = busy_cpu_seconds()
-        other = max(0.0, (all1 - all0) - (own1 - own0)) / 2.0
-        if other <= max_other or time.monotonic() > deadline:
-            return other
+        with _bench.CpuMeter() as cpu:
+            time.sleep(2.0)
+        if cpu.other_cores <= max_other or time.monotonic() > deadline:
+            return
         time.sleep(3.0)
 
 
@@ -149,24 +139,28 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", default="fashion-mnist", help="pipeline dataset name")
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per side, interleaved")
+    # Per-repeat ratios spread over about +-10 % here (the machine's speed drifts within seconds),
+    # so the median needs about 15 pairs to settle within a few percent.
+    parser.add_argument("--repeats", type=int, default=15,
+                        help="timed runs per side, interleaved (default: 15)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-other", type=float, default=0.1, metavar="CORES",
                         help="discard a repeat when other processes used more CPU than this "
                         "(default: 0.1)")
     parser.add_argument("--max-wait", type=float, default=3600, metavar="SECONDS",
-                        help="give up waiting for a quiet machine after this long in all")
+                        help="give up waiting for a quiet machine after this long in all "
+                        "(default: 3600)")
     args = parser.parse_args(argv)
-
-    from mlflow.tracking import MlflowClient
 
     from pipeline import tracking
     from pipeline.data import load_splits
 
+    print(_bench.code_state())
     rss_start = rss_bytes()
     t = time.perf_counter()
     splits = load_splits(args.dataset)  # once, outside every timed region
     load_seconds = time.perf_counter() - t
+    rss_loaded, peak_loaded = rss_bytes(), peak_rss_bytes()
     n_train = len(splits.x_train)
     data_bytes = splits.x_train.numel() * splits.x_train.element_size()
     print(f"dataset {args.dataset}: train {tuple(splits.x_train.shape)}, val "
@@ -174,8 +168,8 @@ def main(argv=None) -> int:
           f"(train tensor {mib(data_bytes)}); torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    with _bench.workspace("bench-train-speed-"):  # temporary cwd and MLflow store
+        client = tracking.tracking_client()  # the pipeline's own client (SQLite in WAL mode)
         tracking.check_store(client)  # creates the schema: seconds, once
         experiment_id = tracking.resolve_experiment(client, "train-speed-benchmark")
 
@@ -197,12 +191,11 @@ def main(argv=None) -> int:
             pair = {}
             for side in order:
                 loads.append(os.getloadavg()[0])
-                all0, own0 = busy_cpu_seconds()
-                pair[side] = (plain_loop(splits, args.epochs, args.seed) if side == "plain" else
-                              pipeline_run(splits, args.epochs, args.seed, client, experiment_id))
-                all1, own1 = busy_cpu_seconds()
-                pair[side]["other_cores"] = max(0.0, (all1 - all0) - (own1 - own0)) / \
-                    pair[side]["seconds"]
+                with _bench.CpuMeter() as cpu:
+                    pair[side] = (plain_loop(splits, args.epochs, args.seed) if side == "plain"
+                                  else pipeline_run(splits, args.epochs, args.seed, client,
+                                                    experiment_id))
+                pair[side]["other_cores"] = cpu.other_cores
             other = max(x["other_cores"] for x in pair.values())
             kept = other <= args.max_other
             print(f"  {'kept' if kept else 'DISCARDED'}: plain {pair['plain']['seconds']:.2f} s, "
@@ -245,23 +238,27 @@ def main(argv=None) -> int:
     print("|---|---:|---:|---:|---:|---:|")
     for name, med, lo, hi, acc, grow in rows:
         print(f"| {name} | {med:,.0f} | {lo:,.0f} | {hi:,.0f} | {acc:.4f} | {mib(grow)} |")
-    print(f"\nratio pipeline/plain (median of per-repeat ratios): {med_ratio:.3f} "
-          f"(per repeat: {', '.join(f'{x:.3f}' for x in ratios)}); target >= {TARGET_RATIO}: "
-          f"{'MET' if med_ratio >= TARGET_RATIO else 'MISSED'}")
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [med_ratio] * 3
+    print(f"\nratio pipeline/plain (median of per-repeat ratios): {med_ratio:.3f}, quartiles "
+          f"{quartiles[0]:.3f}-{quartiles[2]:.3f}; target >= {TARGET_RATIO}: "
+          f"{'MET' if med_ratio >= TARGET_RATIO else 'MISSED'}\n(per repeat, in order: "
+          f"{', '.join(f'{x:.3f}' for x in ratios)})")
     print(f"pipeline MLflow logging inside the timed region: median "
           f"{statistics.median(x['mlflow_seconds'] for x in pipe) * 1000:.0f} ms per run "
           f"({args.epochs} log_epoch + 1 final log_metrics); run create/params/end outside it: "
           f"{statistics.median(x['setup_seconds'] for x in pipe) * 1000:.0f} ms")
-    print(f"load average during the timed runs: {min(loads):.2f} to {max(loads):.2f} (this "
-          f"benchmark alone makes about 2); other processes' CPU in kept runs: at most "
+    print(f"load average during the timed runs: {min(loads):.2f} to {max(loads):.2f} (it "
+          f"counts this benchmark's own threads); other processes' CPU in kept runs: at most "
           f"{max(x['other_cores'] for x in plain + pipe):.2f} cores")
     worst = max(growth(plain), growth(pipe))
     # A per-epoch copy would add about one training tensor per epoch; below a quarter of one (or
     # 8 MiB, the allocator's noise on tiny datasets) there is none.
     no_copy = worst < max(data_bytes / 4, 8 * 2**20)
-    print(f"peak RSS (ru_maxrss): {mib(peak_rss_bytes())} for the whole process "
-          f"(RSS {mib(rss_start)} before loading, {mib(rss_after_warmup)} after loading and "
-          f"warm-up; peak {mib(peak_after_warmup)} then)")
+    peak = peak_rss_bytes()
+    print(f"peak RSS (ru_maxrss): {mib(peak)} for the whole process; RSS {mib(rss_start)} after "
+          f"imports, {mib(rss_loaded)} after loading (peak so far {mib(peak_loaded)}, from "
+          f"loading's transient copies), {mib(rss_after_warmup)} after warm-up; the timed runs "
+          f"raised the peak by {mib(peak - peak_after_warmup)}")
     print(f"RSS growth over epochs 1->{args.epochs}, worst run: {mib(worst)} vs the training "
           f"tensor {mib(data_bytes)} ({n_train}x{splits.x_train[0].numel()}x4 bytes): "
           f"{'no per-epoch copy of the dataset' if no_copy else 'SUSPICIOUS: look for a copy'}")
