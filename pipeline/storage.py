@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import threading
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pathlib import Path
 import optuna
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal._file import get_lock_file
 
 DEFAULT_STORAGE = "optuna.journal"
 HEARTBEAT_SECONDS = 10
@@ -68,7 +70,7 @@ def open_storage(spec: StorageSpec) -> optuna.storages.BaseStorage:
             folder = Path(spec.path).resolve().parent
             if not folder.is_dir():
                 raise StorageError(f"folder {folder} does not exist")
-            return JournalStorage(JournalFileBackend(spec.path))
+            return JournalStorage(JournalFile(spec.path))
         storage = RDBStorage(
             spec.url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
             failed_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
@@ -85,6 +87,24 @@ def open_storage(spec: StorageSpec) -> optuna.storages.BaseStorage:
             "Check the URL, that the database server is running and reachable, and the "
             "driver (postgresql needs psycopg)."
         ) from None
+
+
+class JournalFile(JournalFileBackend):
+    """Optuna's journal file, appended without an ``os.fsync`` per append.
+
+    Optuna syncs the file to disk on every append: 15 to 30 appends per trial, each waiting for
+    the disk (6 to 11 ms a trial on a quiet machine, over 100 ms when other processes write).
+    Without it an append still reaches the kernel before the lock is released, so other
+    processes read it at once and a killed worker loses nothing it wrote; only a power cut can
+    lose the last appends, and Optuna's reader ignores a torn last line. Reading, locking and the
+    line format stay Optuna's own.
+    """
+
+    def append_logs(self, logs: list[dict]) -> None:
+        data = "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs)
+        with get_lock_file(self._lock):
+            with open(self._file_path, "ab") as f:
+                f.write(data.encode("utf-8"))
 
 
 _thread_locks: dict[str, threading.Lock] = {}
