@@ -14,6 +14,7 @@ from pipeline.train import TrainResult
 
 WEIGHTS = "model/state_dict.pt"
 EXAMPLES = "examples.npz"
+PREDICTIONS = "test_predictions.npy"
 N_EXAMPLES = 25
 
 
@@ -30,7 +31,9 @@ def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> 
 
 def examples_npz(splits: Splits, test_pred: np.ndarray, n: int = N_EXAMPLES) -> bytes:
     """What a report needs from the dataset, so that it never loads one: class counts of each
-    split, and the first misclassified and correctly classified test images with labels."""
+    split, and the first misclassified and correctly classified test images with labels and
+    their positions in the test split (``*_index``: runs of one dataset share the test split,
+    so a view can compare runs' predictions on the same images)."""
     y = splits.y_test.numpy()
     pred = np.asarray(test_pred)
     wrong, right = np.flatnonzero(pred != y), np.flatnonzero(pred == y)
@@ -41,8 +44,15 @@ def examples_npz(splits: Splits, test_pred: np.ndarray, n: int = N_EXAMPLES) -> 
              val_counts=np.bincount(splits.y_val.numpy(), minlength=k),
              test_counts=np.bincount(y, minlength=k), n_wrong=np.array(len(wrong)),
              wrong_images=splits.x_test[wrong[:n]].numpy(), wrong_true=y[wrong[:n]],
-             wrong_pred=pred[wrong[:n]], right_images=splits.x_test[right[:n]].numpy(),
-             right_true=y[right[:n]])
+             wrong_pred=pred[wrong[:n]], wrong_index=wrong[:n],
+             right_images=splits.x_test[right[:n]].numpy(), right_true=y[right[:n]],
+             right_index=right[:n])
+    return buf.getvalue()
+
+
+def npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
 
 
@@ -54,9 +64,9 @@ def weights_bytes(model: torch.nn.Module) -> bytes:
 
 def training_artifacts(result: TrainResult, splits: Splits, with_figures: bool = True,
                        with_weights: bool = True) -> dict[str, bytes | str]:
-    """Learning curves, confusion matrix, misclassified examples, gradient norms, history,
-    class counts and example images, the resolved configuration and the weights of the
-    best-validation model."""
+    """Learning curves, confusion matrix, misclassified and correctly classified examples,
+    gradient norms, history, class counts and example images, the resolved configuration and
+    the weights of the model tested (best-validation epoch, or last without validation)."""
     y_true, y_pred = splits.y_test.numpy(), result.test_pred.numpy()
     cm = confusion_counts(y_true, y_pred, splits.n_classes)
     files: dict[str, bytes | str] = {
@@ -65,6 +75,7 @@ def training_artifacts(result: TrainResult, splits: Splits, with_figures: bool =
         "confusion_matrix.csv": pd.DataFrame(cm, index=splits.classes, columns=splits.classes)
                                   .to_csv(),
         EXAMPLES: examples_npz(splits, y_pred),
+        PREDICTIONS: npy(y_pred.astype(np.int16)),  # every test prediction, to compare runs
     }
     if with_weights:
         files[WEIGHTS] = weights_bytes(result.model)
@@ -72,7 +83,9 @@ def training_artifacts(result: TrainResult, splits: Splits, with_figures: bool =
         from pipeline import figures  # matplotlib and seaborn cost seconds to import
 
         history = [{"step": r.step, **r.metrics} for r in result.history]
-        title = f"{splits.name}: best val acc {result.best_val_acc:.4f}, test acc {result.test_acc:.4f}"
+        title = (f"{splits.name}: best val acc {result.best_val_acc:.4f}, "
+                 if len(splits.y_val) else f"{splits.name} (trained on train+val): ") + \
+            f"test acc {result.test_acc:.4f}"
         wrong = np.flatnonzero(y_true != y_pred)[:25]
         images = splits.x_test[wrong].numpy()
         files["learning_curves.png"] = figures.to_png(figures.learning_curves(history, title))
@@ -81,5 +94,10 @@ def training_artifacts(result: TrainResult, splits: Splits, with_figures: bool =
         files["misclassified.png"] = figures.to_png(figures.example_grid(
             images, y_true[wrong], y_pred[wrong], splits.classes,
             f"Misclassified test examples ({int((y_true != y_pred).sum())} of {len(y_true)})"))
+        right = np.flatnonzero(y_true == y_pred)[:25]
+        files["correct.png"] = figures.to_png(figures.example_grid(
+            splits.x_test[right].numpy(), y_true[right], y_pred[right], splits.classes,
+            f"Correctly classified test examples ({len(np.flatnonzero(y_true == y_pred))} of "
+            f"{len(y_true)})"))
         files["grad_norms.png"] = figures.to_png(figures.grad_norms(history))
     return files

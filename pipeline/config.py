@@ -33,6 +33,12 @@ class TrainConfig(BaseModel):
     """Share of the training split held out for validation (stratified)."""
     n_per_class: int | None = Field(None, ge=1)
     """Class-balanced training subset: this many examples of each class (None: all)."""
+    resize: int | None = Field(None, ge=4)
+    """Resize images to resize x resize (bilinear, before normalisation); None: native size.
+    A transfer run takes its source's size, so a 28x28 CNN reads 8x8 digits."""
+    train_on: Literal["train", "train+val"] = "train"
+    """`train+val`: fit on the training and validation splits together (a study's final run).
+    No validation remains, so the last epoch's model is kept instead of the best one's."""
 
     # -- model --------------------------------------------------------------------------------
     arch: Literal["mlp", "cnn"] = "mlp"
@@ -85,10 +91,18 @@ class TrainConfig(BaseModel):
     threads: int | None = Field(None, ge=1)
     """CPU threads for this run (None: PyTorch's default, one per core). 1 is often as fast for
     small models, and much faster when other processes share the cores."""
+    eval_test_each_epoch: bool = False
+    """Also evaluate the test split after every epoch (metrics `epoch_test_loss` /
+    `epoch_test_acc`), for a train/validation/test curve in a report. Reporting only: the best
+    epoch and every selection still use validation alone."""
     pretrained: str | None = None
     """Path of a state dict saved by this pipeline to start from (transfer)."""
     freeze: Literal["none", "features"] = "none"
     """With `pretrained`: `features` trains only the final layer (linear probe)."""
+    transfer: Literal["scratch", "linear_probe", "fine_tune"] | None = None
+    """A transfer setup: `scratch` (no checkpoint), `linear_probe` (frozen features) or
+    `fine_tune` (all layers trained) from `pretrained`, both with a new final layer. In a study
+    with a `source`, the engine supplies `pretrained`."""
 
     @model_validator(mode="after")
     def _check_cross_field(self) -> TrainConfig:
@@ -115,6 +129,15 @@ def cross_field_problems(values: dict) -> list[str]:
         pass  # a non-number is already reported by its field
     if get("freeze") not in (None, "none") and get("pretrained") is None:
         problems.append("freeze needs a pretrained checkpoint (--pretrained PATH)")
+    transfer = get("transfer")
+    if transfer in ("linear_probe", "fine_tune") and get("pretrained") is None:
+        problems.append(f"transfer={transfer} needs a pretrained checkpoint (--pretrained PATH, "
+                        "or a study `source`)")
+    if transfer == "scratch" and get("pretrained") is not None:
+        problems.append("transfer=scratch starts from fresh weights: drop pretrained")
+    if transfer == "fine_tune" and get("freeze") not in (None, "none"):
+        problems.append("transfer=fine_tune trains every layer: drop freeze (or use "
+                        "transfer=linear_probe)")
     return problems
 
 

@@ -6,8 +6,10 @@ and no per-sample Python in the training loop. Splits are stratified and determi
 - test: the official test split (digits has none, so a fixed stratified 20 % is held out, the
   same for every seed);
 - validation: a stratified ``val_fraction`` of the training split, drawn with ``data_seed``;
-- train: the rest, optionally reduced to ``n_per_class`` examples of each class.
+- train: the rest, optionally reduced to ``n_per_class`` examples of each class; with
+  ``merge_val`` (a final run), the rest and the validation split together.
 
+Images can be resized (``resize``) before anything else, e.g. to a transfer source's size.
 Normalisation (per channel) uses statistics of the final training split only.
 """
 
@@ -20,10 +22,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
+
+if TYPE_CHECKING:
+    from pipeline.config import TrainConfig
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DIGITS_TEST_FRACTION = 0.2
@@ -179,18 +186,38 @@ def _balanced_subset(y: np.ndarray, n_per_class: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picks))
 
 
+def _resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    """Bilinear resize to size x size (antialiased when shrinking); a no-op at that size."""
+    if size is None or tuple(x.shape[2:]) == (size, size):
+        return x
+    return F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=size < min(x.shape[2:]))
+
+
+def splits_for(cfg: TrainConfig) -> Splits:
+    """The splits a training configuration reads (cached, like load_splits)."""
+    return load_splits(cfg.dataset, cfg.data_dir, cfg.data_seed, cfg.val_fraction,
+                       cfg.n_per_class, cfg.resize, cfg.train_on == "train+val")
+
+
 @functools.lru_cache(maxsize=4)
 def load_splits(name: str = "digits", data_dir: str | None = None, data_seed: int = 0,
-                val_fraction: float = 0.2, n_per_class: int | None = None) -> Splits:
+                val_fraction: float = 0.2, n_per_class: int | None = None,
+                resize: int | None = None, merge_val: bool = False) -> Splits:
     """Load a dataset by name into normalised tensor splits (cached per process).
 
+    ``merge_val``: the validation split joins the training split and the returned validation
+    split is empty (a final run on train + validation). The test split never moves.
     The returned tensors are shared between callers: treat them as read-only.
     """
     if name not in _LOADERS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(_LOADERS)}")
     x, y, x_test, y_test, classes = _LOADERS[name](name, data_dir)
+    x, x_test = _resize(x, resize), _resize(x_test, resize)
     idx_train, idx_val = train_test_split(
         np.arange(len(y)), test_size=val_fraction, stratify=y.numpy(), random_state=data_seed)
+    if merge_val:  # the same split drawn, then joined: train+val is exactly train plus val
+        idx_train, idx_val = np.concatenate([idx_train, idx_val]), idx_val[:0]
     idx_train = np.sort(idx_train)
     if n_per_class is not None:
         idx_train = idx_train[_balanced_subset(y.numpy()[idx_train], n_per_class, data_seed)]

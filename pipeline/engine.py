@@ -8,22 +8,29 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import multiprocessing
 import os
+import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 
-from pipeline import narrow, objective, space as space_mod, storage as storage_mod, tracking
+from pipeline import (checkpoint, interrupt, liveness, narrow, objective, space as space_mod,
+                      spool, stale, storage as storage_mod, study_run, tracking)
+from pipeline import transfer, winner
 from pipeline.config import ConfigError, TrainConfig
-from pipeline.data import DatasetNotFound, load_splits
+from pipeline.data import DatasetNotFound, load_splits, splits_for
 from pipeline.samplers import make_pruner, make_sampler
-from pipeline.study import STUDIES_DIR, StudyConfig, load_study, resolve_study_path
+from pipeline.study import (STUDIES_DIR, CategoricalParam, StudyConfig, load_study,
+                            resolve_study_path)
 from pipeline.summary import format_trial_line, summarize
+from pipeline.tracking_writer import QueuedClient
 
 BAD_INPUT = (ConfigError, storage_mod.StorageError, DatasetNotFound,
              tracking.TrackingUnavailable, narrow.NarrowingError)
@@ -46,6 +53,7 @@ class Plan:
     storage: storage_mod.StorageSpec
     parent_key: str | None
     study_file: Path
+    source_key: str | None = None  # a transfer study's source (pipeline.transfer)
 
 
 def study_key(name: str, file_dataset: str, dataset: str, smoke: bool) -> str:
@@ -58,11 +66,20 @@ def smoke_config(cfg: StudyConfig) -> StudyConfig:
     """A tiny budget: one short cycle (or two epochs), a small subset for the big datasets."""
     fixed = {**cfg.fixed, "cycles": 1, "step_size_epochs": 1,
              "epochs": min(cfg.fixed.get("epochs", 2), 2)}
-    if cfg.dataset != "digits":
+    searched = cfg.space.get("n_per_class")
+    if cfg.dataset != "digits" and searched is None:
         fixed["n_per_class"] = min(cfg.fixed.get("n_per_class") or 50, 50)
     space = {n: s for n, s in cfg.space.items() if n not in fixed}
-    return cfg.model_copy(update={"fixed": fixed, "space": space,
-                                  "n_trials": min(cfg.n_trials, SMOKE_TRIALS), "timeout": None})
+    n_trials = min(cfg.n_trials, SMOKE_TRIALS)
+    if isinstance(searched, CategoricalParam):
+        # A training-size study stays one, on subsets every dataset has (a digits class has
+        # about 115 training examples).
+        capped = dict.fromkeys(min(c or 50, 50) for c in searched.choices)
+        space["n_per_class"] = searched.model_copy(update={"choices": tuple(capped)})
+    if cfg.sampler.name == "grid":  # more trials than points would repeat points
+        n_trials = min(n_trials, math.prod(len(s.choices) for s in space.values()))
+    return cfg.model_copy(update={"fixed": fixed, "space": space, "n_trials": n_trials,
+                                  "timeout": None})
 
 
 def plan_study(opts) -> Plan:
@@ -82,9 +99,37 @@ def plan_study(opts) -> Plan:
     if cfg.parent:
         parent = load_study(cfg.parent, studies_dir or resolve_study_path(opts.study).parent)
         parent_key = study_key(parent.name, parent.dataset, cfg.dataset, opts.smoke)
+    source_key = plan_study(_source_opts(opts, cfg)).key if cfg.source else None
     return Plan(cfg, study_key(cfg.name, file_dataset, cfg.dataset, opts.smoke), n_trials, seed,
                 storage_mod.parse_storage(opts.storage), parent_key,
-                resolve_study_path(opts.study, studies_dir or STUDIES_DIR))
+                resolve_study_path(opts.study, studies_dir or STUDIES_DIR), source_key)
+
+
+def _source_opts(opts, cfg: StudyConfig):
+    """The options that run a transfer study's source: its own file, dataset, budget and seed;
+    in smoke mode on digits, so that checking a transfer study needs no download."""
+    folder = opts.studies_dir or str(resolve_study_path(opts.study).parent)
+    return replace(opts, study=cfg.source, dataset="digits" if opts.smoke else None,
+                   n_trials=None, seed=None, studies_dir=folder)
+
+
+def _resolve_source(plan: Plan, opts, client):
+    """The source's winner and its cached weights; in smoke mode the source runs first (in
+    smoke mode too) when it has none, as a parent does."""
+    from pipeline.data import cache_dir
+
+    how = f"python -m pipeline.search --study {plan.cfg.source}" + (
+        " --smoke --dataset digits" if opts.smoke else "")
+    folder = cache_dir() / "checkpoints"
+    try:
+        return transfer.resolve_source(client, plan.source_key, how, folder)
+    except winner.NoWinner:
+        if not opts.smoke:
+            raise
+    print(f"[{plan.key}] source {plan.source_key} has no completed trial: running it in smoke "
+          "mode first")
+    run_study(_source_opts(opts, plan.cfg))
+    return transfer.resolve_source(client, plan.source_key, how, folder)
 
 
 def run_study(opts) -> int:
@@ -94,33 +139,49 @@ def run_study(opts) -> int:
     if (plan.parent_key and not opts.smoke and plan.storage.path
             and not Path(plan.storage.path).exists()):
         raise narrow.NarrowingError(_run_parent_first(plan))
-    storage = storage_mod.open_storage(plan.storage)
     load_splits(plan.cfg.dataset, plan.cfg.fixed.get("data_dir"), plan.cfg.fixed.get("data_seed", 0),
                 plan.cfg.fixed.get("val_fraction", 0.2), plan.cfg.fixed.get("n_per_class"))
+    store_exists = tracking.check_uri()  # creates no store file: a later check may still fail
+    client = source = None
+    if plan.source_key:  # the source's winner, before the Optuna storage is created
+        if not store_exists and not opts.smoke:
+            raise winner.NoWinner(
+                f"study {plan.source_key!r} has no finished run with a completed trial: the "
+                "MLflow tracking store does not exist yet. Run it first: python -m "
+                f"pipeline.search --study {plan.cfg.source}")
+        client = spool.SpoolingClient(tracking.tracking_client())
+        source = _resolve_source(plan, opts, client)
+    storage = storage_mod.open_storage(plan.storage)
     narrowing = None
     if plan.parent_key and not _study_exists(storage, plan.key):
         narrowing = _narrow_from_parent(plan, storage, opts)
-    client = tracking.tracking_client()
-    tracking.check_store(client)
+    client = client or spool.SpoolingClient(tracking.tracking_client())
 
     study, search_space = _create_or_load(plan, storage, narrowing)
     _fail_stale(study, plan, client)
     experiment_id = tracking.resolve_experiment(client, opts.experiment)
     run_id = _start_study_run(client, experiment_id, plan, study, search_space)
-    ctx = objective.TrialContext(plan.cfg, plan.key, search_space, experiment_id, run_id, plan.seed)
-    status = "KILLED"
+    if source is not None:
+        tracking.set_tags(client, run_id, {"pipeline.source_study": source.study_key,
+                                           "pipeline.source_run": source.trial_run_id})
+    ctx = objective.TrialContext(plan.cfg, plan.key, search_space, experiment_id, run_id, plan.seed,
+                                 source)
+    status, started = "KILLED", time.time()
     try:
-        if opts.workers > 1:
-            broken = _run_processes(opts, plan, ctx)
-        else:
-            broken = run_worker(ctx, study, plan, client, quiet=opts.quiet)
+        try:
+            if opts.workers > 1:
+                broken = _run_processes(opts, plan, ctx)
+            else:
+                broken = run_worker(ctx, study, plan, client, quiet=opts.quiet)
+        except (tracking.TrackingUnavailable, spool.TrackingLost) as err:  # not bad input now
+            raise spool.TrackingLost(f"[{plan.key}] {err}".replace(
+                "--study NAME", f"--study {plan.key}")) from None
         summary = summarize(study.get_trials(deepcopy=False), plan.cfg.objective.direction)
-        _log_summary(client, run_id, plan, summary)
         # A study that keeps failing, or has nothing to show, is a failed execution.
         broken = broken or (summary["n_complete"] == 0 and summary["n_failed"] > 0)
         status = "FAILED" if broken else "FINISHED"
     finally:
-        tracking.end_run(client, run_id, status)
+        _close_study_run(client, run_id, plan, study, status, started)
     _print_summary(plan, summary)
     if broken:
         print(f"[{plan.key}] failed: see the failed trials' error.txt in mlflow ui",
@@ -225,39 +286,26 @@ def _max_epochs(cfg: StudyConfig, search_space: dict) -> int:
 def _fail_stale(study, plan: Plan, client) -> None:
     """Trials and runs a killed process left RUNNING: failed (trial) and KILLED (run).
 
-    RDB storages decide by heartbeat (a live worker elsewhere keeps its trial); a journal file
-    is used by one launcher at a time, so anything RUNNING at start is stale.
+    RDB storages decide by heartbeat (a live worker elsewhere keeps its trial); on a journal
+    file, a trial whose worker process is gone (liveness.py). Study runs: study_run.open_run.
     """
-    if plan.storage.kind == "rdb":
-        optuna.storages.fail_stale_trials(study)
-        stale = []
-    else:
-        stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        for t in stale:
-            study._storage.set_trial_user_attr(t._trial_id, "error", "stale: its process died")
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-    for t in stale:
-        run_id = t.user_attrs.get("mlflow_run_id")
-        if run_id and client.get_run(run_id).info.status == "RUNNING":
-            tracking.end_run(client, run_id, "KILLED")
-    if plan.storage.kind != "rdb":
-        for run in client.search_runs(
-                [e.experiment_id for e in client.search_experiments()],
-                filter_string=f"tags.`pipeline.study` = '{plan.key}' and "
-                              "tags.`pipeline.kind` = 'study' and attributes.status = 'RUNNING'"):
-            tracking.end_run(client, run.info.run_id, "KILLED")
-    if stale:
-        print(f"[{plan.key}] marked {len(stale)} stale trial(s) failed: "
-              f"{[t.number for t in stale]}")
+    failed = stale.fail_stale(study, plan.storage, client)  # and requeued once, runs KILLED
+    if failed:
+        print(f"[{plan.key}] marked {len(failed)} stale trial(s) failed: "
+              f"{[t.number for t in failed]} (each requeued once with the same parameters)",
+              flush=True)
 
 
 def _start_study_run(client, experiment_id, plan: Plan, study, search_space) -> str:
+    """Join the study's open run (other workers, other machines) or create and describe it."""
     cfg = plan.cfg
-    run_id = tracking.start_run(
-        client, experiment_id, plan.key, adopt_env_run=True,
+    run_id, created = study_run.open_run(
+        client, experiment_id, plan.storage, study, plan.key,
         tags={"pipeline.kind": "study", "pipeline.study": plan.key,
               "pipeline.parent_study": plan.parent_key or "",
               "pipeline.optuna_storage": plan.storage.url, "pipeline.dataset": cfg.dataset})
+    if not created:
+        return run_id
     # Namespaced: `mlflow run` has already logged the entry point's own parameters here.
     tracking.log_params(client, run_id, {
         "study.sampler": cfg.sampler.name, "study.sampler_seed": plan.seed,
@@ -274,7 +322,6 @@ def _start_study_run(client, experiment_id, plan: Plan, study, search_space) -> 
         tracking.set_tags(client, run_id, {f"pipeline.boundary.{n}": edge for n, edge
                                            in narrowing["boundary_flags"].items()})
     tracking.log_artifacts(client, run_id, files)
-    study.set_user_attr("mlflow_run_id", run_id)
     return run_id
 
 
@@ -290,17 +337,52 @@ def claim_trial(study, plan: Plan, deadline: float | None):
     if deadline is not None and time.time() > deadline:
         return None
     with storage_mod.study_lock(plan.storage, plan.key):
-        trials = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING,
-                                                          TrialState.WAITING))
-        waiting = any(t.state == TrialState.WAITING for t in trials)
-        if not waiting and len(trials) >= plan.n_trials:
+        if _budget_spent(study.get_trials(deepcopy=False), plan.n_trials):
             return None
-        return study.ask()
+        with warnings.catch_warnings():  # we beat ourselves (storage.Heartbeat), not optimize()
+            warnings.filterwarnings("ignore", "Heartbeat of storage is supposed", UserWarning)
+            trial = study.ask()
+        trial.set_user_attr(liveness.WORKER_ATTR, liveness.worker_id())  # see _fail_stale
+        return trial
+
+
+def _own_sampler_seed(study, plan: Plan, search_space: dict) -> None:
+    """Workers built from one seed drew the same parameters: four launchers of a random-search
+    study tried its first point four times. The n-th worker to start on a study samples with
+    seed + n (the first keeps the study's seed, so a lone worker reproduces it); QMC keeps
+    one seed, since its points come from one sequence the workers share through the study."""
+    if plan.cfg.sampler.name not in ("random", "tpe", "gp"):
+        return
+    with storage_mod.study_lock(plan.storage, plan.key):
+        n = study.user_attrs.get("workers_started", 0)
+        study.set_user_attr("workers_started", n + 1)
+    if n:
+        study.sampler = make_sampler(plan.cfg.sampler.name, plan.seed + n,
+                                     plan.cfg.sampler.options, search_space)
+
+
+def _budget_spent(trials, n_trials: int) -> bool:
+    counted = [t for t in trials if t.state in (*FINISHED, TrialState.RUNNING,
+                                                TrialState.WAITING)]
+    waiting = any(t.state == TrialState.WAITING for t in counted)
+    return not waiting and len(counted) >= n_trials
 
 
 def run_worker(ctx, study, plan: Plan, client, quiet: bool = False) -> bool:
     """Claim and run trials until the budget is spent. Returns True when it stopped because
-    too many trials failed in a row (a broken study, not bad luck)."""
+    too many trials failed in a row (a broken study, not bad luck).
+
+    The trials' MLflow writes go through a `QueuedClient`: a child process performs them while
+    the next trial trains, and all of them are done when this returns."""
+    _own_sampler_seed(study, plan, ctx.space)
+    client = QueuedClient(client)
+    try:
+        return _run_trials(ctx, study, plan, client, quiet)
+    finally:
+        client.close()
+
+
+def _run_trials(ctx, study, plan: Plan, client: QueuedClient, quiet: bool) -> bool:
     from tqdm import tqdm
 
     deadline = time.time() + plan.cfg.timeout if plan.cfg.timeout else None
@@ -309,12 +391,13 @@ def run_worker(ctx, study, plan: Plan, client, quiet: bool = False) -> bool:
                unit="trial", disable=True if quiet else None, leave=False, dynamic_ncols=True)
     failures, trial = 0, None
     try:
-        while (trial := claim_trial(study, plan, deadline)) is not None:
+        while (trial := _next_trial(study, plan, client, deadline)) is not None:
             t0 = time.perf_counter()
             with storage_mod.Heartbeat(study._storage, trial._trial_id):
                 state, value = objective.run_trial(ctx, trial, client)
             frozen = study.tell(trial, value, state=state)
             trial = None
+            client.check()  # a write that failed for good stops the worker, with its reason
             line = format_trial_line(frozen, time.perf_counter() - t0, ctx.study.objective.metric)
             bar.write(line) if not bar.disable else print(line, flush=True)
             bar.update(1 if state in FINISHED else 0)
@@ -324,17 +407,36 @@ def run_worker(ctx, study, plan: Plan, client, quiet: bool = False) -> bool:
                       f"{frozen.user_attrs.get('error')}", flush=True)
                 return True
         return False
-    except BaseException:
+    except BaseException as err:
         # Ctrl-C / SIGTERM mid-trial: the trial fails (run_trial already KILLED its run).
         if trial is not None:
             with contextlib.suppress(Exception):
+                trial.set_user_attr("error", (
+                    f"interrupted: {str(err) or 'Ctrl-C'}"
+                    if isinstance(err, (KeyboardInterrupt, interrupt.Terminated))
+                    else f"stopped: {type(err).__name__}: {err}")[:500])
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         raise
     finally:
         bar.close()
 
 
+def _next_trial(study, plan: Plan, client, deadline: float | None):
+    """claim_trial; and when only trials RUNNING in other workers stand between the study and
+    its budget, wait for them: should their worker die, stale.fail_stale fails and requeues
+    them (heartbeats, or a process gone on this machine) and this worker runs the retry, so the
+    study still reaches n_trials."""
+    while (trial := claim_trial(study, plan, deadline)) is None:
+        if (not stale.watched(study.get_trials(deepcopy=False), plan.storage)
+                or (deadline is not None and time.time() > deadline)):
+            return None
+        time.sleep(1.0)
+        _fail_stale(study, plan, client)
+    return trial
+
+
 EXIT_STOPPED_ON_FAILURES = 3
+EXIT_TRACKING_LOST = 4
 
 
 def _worker_process(opts, ctx) -> None:
@@ -350,8 +452,19 @@ def _worker_process(opts, ctx) -> None:
                                                    plan.cfg.sampler.options, ctx.space),
                               pruner=make_pruner(plan.cfg.pruner.name, plan.cfg.pruner.options,
                                                  _max_epochs(plan.cfg, ctx.space)))
-    if run_worker(ctx, study, plan, tracking.tracking_client(), quiet=True):
-        raise SystemExit(EXIT_STOPPED_ON_FAILURES)
+    # Ctrl-C reaches the whole process group: the launcher alone handles it, and stops the
+    # workers with SIGTERM (so one signal, not two, reaches each worker).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interrupt.stop_on_signals((signal.SIGTERM,)):
+            client = spool.SpoolingClient(tracking.tracking_client())
+            if run_worker(ctx, study, plan, client, quiet=True):
+                raise SystemExit(EXIT_STOPPED_ON_FAILURES)
+    except interrupt.Terminated as err:
+        raise SystemExit(interrupt.exit_code(err)) from None
+    except (tracking.TrackingUnavailable, spool.TrackingLost) as err:
+        print(f"[{plan.key}] {err}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_TRACKING_LOST) from None
 
 
 def _run_processes(opts, plan: Plan, ctx) -> bool:
@@ -370,6 +483,8 @@ def _run_processes(opts, plan: Plan, ctx) -> bool:
         for p in procs:
             p.join()
         raise
+    if lost := [p.name for p in procs if p.exitcode == EXIT_TRACKING_LOST]:
+        raise spool.TrackingLost(f"{', '.join(lost)} lost the MLflow tracking store (see above)")
     bad = [p.name for p in procs if p.exitcode not in (0, EXIT_STOPPED_ON_FAILURES)]
     if bad:
         print(f"[{plan.key}] warning: {', '.join(bad)} exited abnormally")
@@ -377,6 +492,34 @@ def _run_processes(opts, plan: Plan, ctx) -> bool:
 
 
 # -- summary ------------------------------------------------------------------------------------
+
+
+def _close_study_run(client, run_id: str, plan: Plan, study, status: str, started: float) -> None:
+    """The last worker out (of every launcher sharing the run) logs the study's summary and ends
+    its run; the others leave it open. Last: no trial is running and, unless this worker is
+    stopping early (failures, interrupt), the budget or the time is spent."""
+    deadline = started + plan.cfg.timeout if plan.cfg.timeout else None
+
+    def done(trials) -> bool:
+        running = [t for t in trials if t.state == TrialState.RUNNING]
+        if plan.storage.kind == "rdb":  # heartbeats decide there, at the next start
+            live = running
+        else:
+            live = [t for t in running
+                    if liveness.is_alive(t.user_attrs.get(liveness.WORKER_ATTR))]
+        return not live and (status != "FINISHED" or _budget_spent(trials, plan.n_trials)
+                             or (deadline is not None and time.time() > deadline))
+
+    if not study_run.claim_close(plan.storage, study, run_id, done):
+        return
+    try:
+        if status != "KILLED":
+            summary = summarize(study.get_trials(deepcopy=False), plan.cfg.objective.direction)
+            _log_summary(client, run_id, plan, summary)
+            if summary["n_complete"] == 0 and summary["n_failed"] > 0:
+                status = "FAILED"
+    finally:
+        tracking.end_run(client, run_id, status)
 
 
 def _log_summary(client, run_id: str, plan: Plan, summary: dict) -> None:
@@ -408,14 +551,21 @@ def _log_best_model(client, run_id: str, plan: Plan, best: dict) -> None:
     trial_run = best.get("mlflow_run_id")
     if not trial_run:
         return
+    if not study_run.is_trial_run(client, trial_run, plan.key, best["number"]):
+        print(f"[{plan.key}] warning: best model not logged: run {trial_run} is not a trial run "
+              "this pipeline wrote for this study, and only those are loaded", file=sys.stderr)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path = client.download_artifacts(trial_run, "config.json", tmp)
         weights = client.download_artifacts(trial_run, "model/state_dict.pt", tmp)
         cfg = TrainConfig(**json.loads(Path(cfg_path).read_text()))
-        splits = load_splits(cfg.dataset, cfg.data_dir, cfg.data_seed, cfg.val_fraction,
-                             cfg.n_per_class)
+        splits = splits_for(cfg)
         model = build_model(cfg, splits.input_shape, splits.n_classes)
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        try:
+            model.load_state_dict(checkpoint.load_state_dict(weights))
+        except checkpoint.UnsafeCheckpoint as err:
+            print(f"[{plan.key}] warning: best model not logged: {err}", file=sys.stderr)
+            return
     model.eval()
     example = splits.x_val[:4].numpy()
     with torch.no_grad():

@@ -46,6 +46,9 @@ def _from_unit(spec: Mapping, u: float) -> float:
 
 def narrow_param(spec: Mapping, values: Sequence[Any], margin: float) -> dict:
     """The narrowed spec of one parameter from the values its best trials took."""
+    if spec["type"] == "bundle":  # named bundles of settings: keep the names seen, as dicts
+        seen = {c: s for c, s in spec["choices"].items() if c in values}
+        return {**spec, "choices": seen or dict(spec["choices"])}
     if spec["type"] == "categorical":
         seen = [c for c in spec["choices"] if c in values]
         return {**spec, "choices": seen or list(spec["choices"])}
@@ -71,7 +74,7 @@ def narrow_param(spec: Mapping, values: Sequence[Any], margin: float) -> dict:
 def boundary_flag(spec: Mapping, values: Sequence[Any], fraction: float) -> str | None:
     """'low' or 'high' when at least half of the best values lie within ``fraction`` of the
     parent's range from that edge (in log space for log parameters); else None."""
-    if spec["type"] == "categorical" or not values:
+    if spec["type"] in ("categorical", "bundle") or not values:
         return None
     lo_p, hi_p = _to_unit(spec, spec["low"]), _to_unit(spec, spec["high"])
     width = hi_p - lo_p
@@ -93,8 +96,8 @@ def clip_params(params: Mapping[str, Any], space: Mapping[str, Mapping]) -> dict
         if name not in params:
             continue
         v = params[name]
-        if spec["type"] == "categorical":
-            out[name] = v if v in spec["choices"] else spec["choices"][0]
+        if spec["type"] in ("categorical", "bundle"):
+            out[name] = v if v in spec["choices"] else next(iter(spec["choices"]))
         else:
             v = min(max(v, spec["low"]), spec["high"])
             out[name] = int(round(v)) if spec["type"] == "int" else float(v)

@@ -8,17 +8,16 @@ one SQLite write costs milliseconds and a digits epoch costs about as much.
 
 from __future__ import annotations
 
-import io
+import contextlib
 import time
 import traceback
 from dataclasses import dataclass
 
-import numpy as np
 import optuna
 from mlflow.tracking import MlflowClient
 
-from pipeline import artifacts, space, tracking
-from pipeline.data import load_splits
+from pipeline import artifacts, space, tracking, transfer
+from pipeline.data import splits_for
 from pipeline.study import StudyConfig
 from pipeline.train import EpochRecord, train
 
@@ -35,6 +34,7 @@ class TrialContext:
     experiment_id: str
     study_run_id: str
     seed: int  # sampler seed; trial seeds derive from it
+    source: transfer.Source | None = None  # a transfer study's source, resolved
 
 
 def trial_seed(study_seed: int, number: int) -> int:
@@ -84,19 +84,26 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial, client: MlflowClient
               ) -> tuple[optuna.trial.TrialState, float | None]:
     """Train one trial and log it; returns the state and value to tell the study."""
     params = space.suggest(trial, ctx.space)
-    seed = ctx.study.fixed.get("seed", trial_seed(ctx.seed, trial.number))
+    # A trial requeued because its worker died (stale.py) trains exactly as its original did.
+    retry_of = trial.storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
+    seed = ctx.study.fixed.get("seed", trial_seed(ctx.seed, trial.number if retry_of is None
+                                                  else retry_of))
     run_name = f"{ctx.study_key}-{trial.number:03d}"
+    tags = {"pipeline.kind": "trial", "pipeline.study": ctx.study_key,
+            "pipeline.trial_number": str(trial.number)}
+    if retry_of is not None:
+        tags["pipeline.retry_of"] = str(retry_of)
     run_id = tracking.start_run(client, ctx.experiment_id, run_name, parent_id=ctx.study_run_id,
-                                tags={"pipeline.kind": "trial", "pipeline.study": ctx.study_key,
-                                      "pipeline.trial_number": str(trial.number)})
+                                tags=tags)
     trial.set_user_attr("mlflow_run_id", run_id)  # at once: a crash must find its run
     logger = None
     try:
-        cfg = ctx.study.train_config({"seed": seed, **params})
-        splits = load_splits(cfg.dataset, cfg.data_dir, cfg.data_seed, cfg.val_fraction,
-                             cfg.n_per_class)
+        inherited = transfer.trial_settings(ctx.source,
+                                            {**ctx.study.fixed, **params}.get("transfer"))
+        cfg = ctx.study.train_config({"seed": seed, **params, **inherited})
+        splits = splits_for(cfg)
         logger = _EpochLogger(client, run_id, trial, ctx.study.objective.metric,
-                              {**cfg.model_dump(), "trial_number": trial.number})
+                              {**params, **cfg.model_dump(), "trial_number": trial.number})
         t_train = time.perf_counter()
         try:
             result = train(cfg, splits, on_epoch=logger)
@@ -106,9 +113,8 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial, client: MlflowClient
         value = _objective_value(result, ctx.study.objective)
         final = {**result.final_metrics(), "objective": value}
         logger.flush(final, result.history[-1].step)
-        files = artifacts.training_artifacts(result, splits, with_figures=False)
-        files["test_predictions.npy"] = _npy(result.test_pred.numpy().astype(np.int16))
-        tracking.log_artifacts(client, run_id, files)
+        tracking.log_artifacts(client, run_id,
+                               artifacts.training_artifacts(result, splits, with_figures=False))
         trial.set_user_attr("test_acc", final["test_acc"])
         tracking.end_run(client, run_id, "FINISHED")
         return optuna.trial.TrialState.COMPLETE, value
@@ -128,6 +134,9 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial, client: MlflowClient
         tracking.end_run(client, run_id, "FAILED")
         return optuna.trial.TrialState.FAIL, None
     except BaseException:  # Ctrl-C / SIGTERM: the trial ends, its run is KILLED
+        if logger is not None:
+            with contextlib.suppress(Exception):  # its curves so far, if the store answers
+                logger.flush()
         tracking.end_run(client, run_id, "KILLED")
         raise
 
@@ -136,9 +145,3 @@ def _objective_value(result, objective) -> float:
     """The best value of the objective metric over training (validation, never test)."""
     values = [r.metrics[objective.metric] for r in result.history if objective.metric in r.metrics]
     return max(values) if objective.direction == "maximize" else min(values)
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()

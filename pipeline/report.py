@@ -82,7 +82,7 @@ def _importance_figure(data):
 
 STUDY_FIGURES = ("history", "objective_vs_params", "pair", "parallel_coordinates", "importance",
                  "top_curves", "lr_schedule", "generalisation", "confusion", "misclassified",
-                 "grad_norms")
+                 "correct", "grad_norms")
 _rendering = None  # the StudyData being rendered, inherited by forked workers
 
 
@@ -147,11 +147,15 @@ def comparison_section(datas) -> Section:
 
 
 def build_sections(datas, parents) -> list[Section]:
+    from pipeline.report_views import view_sections
+
     sections = []
     if len(datas) + len(parents) > 1:
         sections.append(comparison_section([*parents, *datas]))
     for d in datas:
-        sections += study_sections(d, f"{d.key}_" if len(datas) > 1 else "")
+        prefix = f"{d.key}_" if len(datas) > 1 else ""
+        sections += study_sections(d, prefix)
+        sections += view_sections(d, prefix)  # what the study file asks for (report_views)
     return sections
 
 
@@ -246,8 +250,11 @@ def write_report(out_dir: Path, title: str, sections: list[Section]) -> Path:
 def make_report(client, keys: Sequence[str], out_root: Path, log: bool = True) -> Path:
     """Extract, render, write and (optionally) log the report; returns its folder."""
     from pipeline import report_data as rd, tracking
+    from pipeline.report_views import load_views
 
     datas = [rd.extract_study(client, k) for k in keys]
+    for d in datas:
+        load_views(client, d)
     parents = []
     for d in datas:
         parent = d.study_params.get("study.parent")

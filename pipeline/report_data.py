@@ -43,6 +43,11 @@ class StudyData:
     direction: str
     histories: dict[int, pd.DataFrame] = field(default_factory=dict)  # trial number -> epochs
     best_artifacts: dict = field(default_factory=dict)  # confusion matrix, predictions, config
+    views: list[str] = field(default_factory=list)  # report views the study file asks for
+    trial_histories: dict[int, pd.DataFrame] = field(default_factory=dict)
+    trial_artifacts: dict[int, dict] = field(default_factory=dict)
+    """Files of every complete trial that its views need: number -> {file name: content}."""
+    """Every trial's step metrics that its views need (see pipeline.report_views)."""
 
     @property
     def complete(self) -> pd.DataFrame:
@@ -57,6 +62,15 @@ class StudyData:
     def ranked(self) -> pd.DataFrame:
         ascending = self.direction == "minimize"
         return self.complete.sort_values(["objective", "number"], ascending=[ascending, True])
+
+
+@dataclass
+class ViewInfo:
+    """What a report view computed from a StudyData (plain data, no plotting)."""
+
+    text: str = ""  # the answer to the study's question, in a sentence or two
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # printed and written as CSV
+    plots: dict = field(default_factory=dict)  # plain data the view's figures draw
 
 
 def _experiments(client: MlflowClient) -> list[str]:

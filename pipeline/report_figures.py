@@ -214,6 +214,17 @@ def misclassified(data: StudyData) -> Figure:
         f"{int(ex['test_counts'].sum())})")
 
 
+def correct(data: StudyData) -> Figure:
+    ex = data.best_artifacts.get("examples")
+    if ex is None or "right_images" not in ex:
+        return _missing("the best trial logged no example images")
+    n_right = int(ex["test_counts"].sum()) - int(ex["n_wrong"])
+    return figures.example_grid(
+        ex["right_images"], ex["right_true"], ex["right_true"], list(ex["classes"]),
+        f"Correctly classified test examples of the best trial ({n_right} of "
+        f"{int(ex['test_counts'].sum())})")
+
+
 def grad_norms(data: StudyData) -> Figure:
     hist = data.histories.get(int(data.best.number))
     if hist is None:
@@ -263,6 +274,8 @@ CAPTIONS = {
                  "classes it mixes up.",
     "misclassified": "Test examples the selected model gets wrong (true → predicted): are the "
                      "errors ambiguous images or systematic mistakes?",
+    "correct": "Test examples the selected model gets right (true → predicted), for "
+               "comparison with the mistakes above.",
     "grad_norms": "Per-layer gradient magnitude over training for the selected trial: layers "
                   "orders of magnitude apart signal vanishing or exploding gradients.",
     "compare": "Distribution of the objective in each study: a fine study should sit higher "

@@ -73,14 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Imports that cost seconds wait until the arguments are known to be sound.
-    from pipeline import artifacts, tracking
-    from pipeline.data import DatasetNotFound, load_splits
-    from pipeline.train import train
+    from pipeline import tracking
+    from pipeline.data import DatasetNotFound, splits_for
+    from pipeline.tracking_writer import QueuedClient
 
     try:
         cfg = config_from_args(args)
-        splits = load_splits(cfg.dataset, cfg.data_dir, cfg.data_seed, cfg.val_fraction,
-                             cfg.n_per_class)
+        splits = splits_for(cfg)
         client = tracking.tracking_client()
         tracking.check_store(client)
     except (ConfigError, DatasetNotFound, tracking.TrackingUnavailable, ValueError) as err:
@@ -97,6 +96,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         # param, so those keep their spelling (same value) and only the others are added.
         params = {k: v for k, v in params.items() if k not in client.get_run(run_id).data.params}
     tracking.log_params(client, run_id, params)
+    queued = QueuedClient(client)  # epochs are logged by a child process while training goes on
+    try:
+        result = train_and_log(queued, run_id, cfg, splits)
+    finally:
+        queued.close()
+    if result.diverged:
+        print(f"run {run_id}: DIVERGED at epoch {result.history[-1].epoch} (non-finite loss); "
+              "lower the learning rate.")
+    else:
+        print(f"run {run_id}: best val acc {result.best_val_acc:.4f} (epoch {result.best_epoch}), "
+              f"test acc {result.test_acc:.4f}, {result.n_params:,} parameters, "
+              f"{result.train_seconds:.1f} s")
+    return 0
+
+
+def train_and_log(client, run_id: str, cfg: TrainConfig, splits):
+    """Train with every epoch logged as it ends, then log the final metrics and the artifacts
+    (figures included) and end the run: FINISHED, FAILED (an error) or KILLED (Ctrl-C)."""
+    from pipeline import artifacts, tracking
+    from pipeline.train import train
+
     status = "FAILED"
     try:
         result = train(cfg, splits, on_epoch=lambda rec: tracking.log_epoch(client, run_id, rec))
@@ -109,15 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     finally:
         tracking.end_run(client, run_id, status)
-
-    if result.diverged:
-        print(f"run {run_id}: DIVERGED at epoch {result.history[-1].epoch} (non-finite loss); "
-              "lower the learning rate.")
-    else:
-        print(f"run {run_id}: best val acc {result.best_val_acc:.4f} (epoch {result.best_epoch}), "
-              f"test acc {result.test_acc:.4f}, {result.n_params:,} parameters, "
-              f"{result.train_seconds:.1f} s")
-    return 0
+    return result
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
     python -m pipeline.search --study coarse --workers 2 --n-trials 40
 
 Re-running a study resumes it: ``n_trials`` counts the study's trials in total. Exit codes: 0 done,
-2 bad input (study file, flags, storage, dataset, tracking store), 130 interrupted.
+1 failed (trials kept failing, or the tracking store went away: see pipeline.spool), 2 bad input
+(study file, flags, storage, dataset, tracking store), 130 Ctrl-C, 143 SIGTERM.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
 SMOKE_TRIALS = 3
 
 
@@ -37,9 +37,16 @@ class SearchOptions:
     quiet: bool = False
 
 
+class _Parser(argparse.ArgumentParser):
+    """Flag errors read like every other bad input: one line, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (see {self.prog} -h)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline.search", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="python -m pipeline.search", description=__doc__.split("\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", required=True, help="study name under studies/, or a YAML path")
     # Empty values mean "not given": MLproject parameters default to "" for these.
     p.add_argument("--n-trials", type=_whole_or_none, default=None,
@@ -86,17 +93,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: " + "; ".join(problems), file=sys.stderr)
         return EXIT_BAD_INPUT
     opts = SearchOptions(**{k: v for k, v in vars(args).items()})
-    from pipeline import engine  # heavy imports only once the flags are sound
+    from pipeline import engine, interrupt, spool  # heavy imports only once the flags are sound
 
     try:
-        return engine.run_study(opts)
+        with interrupt.stop_on_signals():  # SIGTERM too ends the running trial cleanly
+            return engine.run_study(opts)
     except engine.BAD_INPUT as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("interrupted: the running trial was marked failed and its run KILLED; "
-              "run the same command again to continue.", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except spool.TrackingLost as err:
+        print(f"error: {err}", file=sys.stderr)
+        return engine.EXIT_FAILED
+    except (KeyboardInterrupt, interrupt.Terminated) as err:
+        print(f"{str(err) or 'interrupted'}: the running trial was marked failed and its run "
+              "KILLED; run the same command again to continue.", file=sys.stderr)
+        return interrupt.exit_code(err)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from typing import Any
 
 import optuna
 
-from pipeline.study import CategoricalParam, FloatParam, IntParam
+from pipeline.study import BundleParam, CategoricalParam, FloatParam, IntParam
 
 
 def suggest(trial: optuna.Trial, space: Mapping[str, Any]) -> dict[str, Any]:
@@ -19,7 +19,7 @@ def suggest(trial: optuna.Trial, space: Mapping[str, Any]) -> dict[str, Any]:
         elif isinstance(spec, IntParam):
             params[name] = trial.suggest_int(name, spec.low, spec.high, step=spec.step,
                                              log=spec.log)
-        else:
+        else:  # categorical, or a bundle: the names of its choices
             params[name] = trial.suggest_categorical(name, list(spec.choices))
     return params
 
@@ -49,5 +49,6 @@ def to_plain(space: Mapping[str, Any]) -> dict[str, dict]:
 
 
 def from_plain(plain: Mapping[str, dict]) -> dict[str, Any]:
-    kinds = {"float": FloatParam, "int": IntParam, "categorical": CategoricalParam}
+    kinds = {"float": FloatParam, "int": IntParam, "categorical": CategoricalParam,
+             "bundle": BundleParam}
     return {name: kinds[d["type"]](**d) for name, d in plain.items()}

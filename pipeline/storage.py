@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +25,8 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.storages.journal._file import get_lock_file
 
 DEFAULT_STORAGE = "optuna.journal"
-HEARTBEAT_SECONDS = 10
-GRACE_SECONDS = 30
+HEARTBEAT_SECONDS = 10  # PIPELINE_HEARTBEAT_SECONDS: how often a running trial says it lives
+GRACE_SECONDS = 30  # PIPELINE_GRACE_SECONDS: a trial silent this long has lost its worker
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 
 
@@ -66,16 +67,25 @@ def open_storage(spec: StorageSpec) -> optuna.storages.BaseStorage:
     try:
         if spec.kind == "memory":
             return _memory.setdefault(spec.url, optuna.storages.InMemoryStorage())
-        if spec.kind == "journal":
+        if spec.path:  # a journal or SQLite file: its folder must be there
             folder = Path(spec.path).resolve().parent
             if not folder.is_dir():
-                raise StorageError(f"folder {folder} does not exist")
+                raise StorageError(f"folder {folder} does not exist; create it, or give "
+                                   "another path")
+        if spec.kind == "journal":
             return JournalStorage(JournalFile(spec.path))
-        storage = RDBStorage(
-            spec.url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-            failed_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-            engine_kwargs={"pool_pre_ping": True} if spec.path is None else None,
-        )
+        # Under a lock: workers starting together on an empty database would race to create
+        # Optuna's tables (PostgreSQL: "duplicate key value ... pg_type_typname_nsp_index").
+        with warnings.catch_warnings(), study_lock(spec, "\0optuna-schema"):
+            # heartbeats are marked experimental; we chose them
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = RDBStorage(
+                spec.url, heartbeat_interval=_seconds("PIPELINE_HEARTBEAT_SECONDS",
+                                                      HEARTBEAT_SECONDS),
+                grace_period=_seconds("PIPELINE_GRACE_SECONDS", GRACE_SECONDS),
+                heartbeat_stale_trial_callback=retry_stale,
+                engine_kwargs={"pool_pre_ping": True} if spec.path is None else None,
+            )
         storage.get_all_studies()  # fail now, not in the middle of a trial
         return storage
     except StorageError as err:
@@ -87,6 +97,25 @@ def open_storage(spec: StorageSpec) -> optuna.storages.BaseStorage:
             "Check the URL, that the database server is running and reachable, and the "
             "driver (postgresql needs psycopg)."
         ) from None
+
+
+def _seconds(name: str, default: int) -> int:
+    """Optuna takes whole seconds (tests shorten the heartbeat to 1 s)."""
+    text = os.environ.get(name)
+    if not text:
+        return default
+    if not text.isdigit() or int(text) < 1:
+        raise StorageError(f"{name}={text!r}: expected a whole number of seconds, at least 1")
+    return int(text)
+
+
+def retry_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Requeue a trial whose worker died, once, with the same parameters: Optuna's
+    RetryHeartbeatStaleTrialCallback(max_retry=1), called by RDB storages for heartbeat-stale
+    trials and by pipeline.stale for journal trials whose process is gone."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        RetryHeartbeatStaleTrialCallback(max_retry=1)(study, trial)
 
 
 class JournalFile(JournalFileBackend):

@@ -8,6 +8,7 @@ created in a store.
 from __future__ import annotations
 
 import inspect
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -62,7 +63,22 @@ class CategoricalParam(_Frozen):
         return [] if len(set(map(repr, self.choices))) == len(self.choices) else ["duplicate choices"]
 
 
-ParamSpec = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
+class BundleParam(_Frozen):
+    """A categorical parameter whose choices are named bundles of training settings: a trial
+    gets every setting of the bundle it draws (e.g. the cumulative stages of an ablation, each
+    a name for several settings). With the grid sampler, each bundle is one grid point."""
+
+    type: Literal["bundle"]
+    choices: dict[str, dict[str, Any]] = Field(min_length=1)
+
+    def problems(self) -> list[str]:
+        return [f"choice {name!r}: unknown training settings {sorted(unknown)}"
+                for name, settings in self.choices.items()
+                if (unknown := set(settings) - set(TrainConfig.model_fields))]
+
+
+ParamSpec = Annotated[FloatParam | IntParam | CategoricalParam | BundleParam,
+                      Field(discriminator="type")]
 
 
 class Objective(_Frozen):
@@ -99,6 +115,11 @@ class NarrowConfig(_Frozen):
     """How many of the parent's best configurations seed the fine study."""
 
 
+class ReportConfig(_Frozen):
+    views: tuple[str, ...] = ()
+    """Report views (pipeline.report_views.VIEWS) added after the standard report."""
+
+
 class StudyConfig(_Frozen):
     """One study file."""
 
@@ -118,8 +139,12 @@ class StudyConfig(_Frozen):
     parent: str | None = None
     """A study (name under studies/) whose best trials narrow this study's space."""
     narrow: NarrowConfig = NarrowConfig()
-    report: dict[str, Any] = {}
-    """Report views for this study (see pipeline.report)."""
+    source: str | None = None
+    """A study (name under studies/) whose best trial is this study's transfer checkpoint:
+    every trial takes its architecture and input size, and `transfer` linear_probe / fine_tune
+    trials start from its weights (pipeline.transfer)."""
+    report: ReportConfig = ReportConfig()
+    """What the report adds for this study (see pipeline.report_views)."""
 
     @field_validator("fixed")
     @classmethod
@@ -130,15 +155,22 @@ class StudyConfig(_Frozen):
         return value
 
     def train_config(self, params: dict[str, Any]) -> TrainConfig:
-        """The configuration of one trial: fixed settings, the study's dataset, then params."""
-        return TrainConfig(**{**self.fixed, "dataset": self.dataset, **params})
+        """The configuration of one trial: fixed settings, the study's dataset, then params
+        (which include what a `source` study hands down: pipeline.transfer.inherited)."""
+        settings = {}  # a bundle parameter contributes the settings of its chosen bundle
+        for name, value in params.items():
+            spec = self.space.get(name)
+            settings |= spec.choices[value] if isinstance(spec, BundleParam) else {name: value}
+        return TrainConfig(**{**self.fixed, "dataset": self.dataset, **settings})
 
 
 def _semantic_problems(cfg: StudyConfig, studies_dir: Path) -> list[str]:
     """Problems pydantic cannot see: ranges, names, and rules between settings."""
     problems = []
     for name, spec in cfg.space.items():
-        if name not in TrainConfig.model_fields:
+        if isinstance(spec, BundleParam):
+            problems += _bundle_problems(cfg, name, spec)
+        elif name not in TrainConfig.model_fields:
             problems.append(f"space.{name}: not a training setting")
         problems += [f"space.{name}: {p}" for p in spec.problems()]
         if name in cfg.fixed:
@@ -147,7 +179,14 @@ def _semantic_problems(cfg: StudyConfig, studies_dir: Path) -> list[str]:
         problems += _pair_problems(cfg, low_name, high_name)
     if cfg.sampler.name == "grid":
         problems += [f"space.{n}: the grid sampler needs categorical parameters"
-                     for n, s in cfg.space.items() if not isinstance(s, CategoricalParam)]
+                     for n, s in cfg.space.items()
+                     if not isinstance(s, (CategoricalParam, BundleParam))]
+        points = math.prod(len(s.choices) for s in cfg.space.values()
+                           if isinstance(s, (CategoricalParam, BundleParam)))
+        if cfg.n_trials > points:  # Optuna would run repeated points
+            problems.append(f"n_trials: {cfg.n_trials} is more than the grid's {points} "
+                            f"points; set n_trials: {points}")
+    problems += _view_problems(cfg.report.views)
     problems += _options_problems("sampler", cfg.sampler.name, cfg.sampler.options)
     problems += _options_problems("pruner", cfg.pruner.name, cfg.pruner.options)
     if cfg.narrow.top_k and cfg.narrow.top_fraction:
@@ -157,8 +196,12 @@ def _semantic_problems(cfg: StudyConfig, studies_dir: Path) -> list[str]:
             problems.append("parent: a study cannot be its own parent")
         elif not (studies_dir / f"{cfg.parent}.yaml").is_file():
             problems.append(f"parent: no study file {studies_dir / (cfg.parent + '.yaml')}")
+    problems += _source_problems(cfg, studies_dir)
     # Check the fixed settings as a whole with a representative point of the space.
-    probe = {n: _probe_value(s) for n, s in cfg.space.items() if n in TrainConfig.model_fields}
+    probe = {n: _probe_value(s) for n, s in cfg.space.items()
+             if n in TrainConfig.model_fields or isinstance(s, BundleParam)}
+    if cfg.source:  # the engine supplies the checkpoint at run time
+        probe["pretrained"] = "source-checkpoint.pt" if _transfers(cfg, probe) else None
     try:
         cfg.train_config(probe)
     except ValidationError as err:
@@ -183,10 +226,65 @@ def _pair_problems(cfg: StudyConfig, low_name: str, high_name: str) -> list[str]
     return []
 
 
+def _transfers(cfg: StudyConfig, params: dict) -> bool:
+    """Whether a trial with these params starts from the source's weights."""
+    return {**cfg.fixed, **params}.get("transfer") in ("linear_probe", "fine_tune")
+
+
+def _source_problems(cfg: StudyConfig, studies_dir: Path) -> list[str]:
+    """A transfer study names its source; the source decides the network and its input."""
+    from pipeline.transfer import INHERITED
+
+    modes = set(cfg.space["transfer"].choices) if isinstance(cfg.space.get("transfer"),
+                                                              CategoricalParam) else set()
+    modes |= {cfg.fixed["transfer"]} if "transfer" in cfg.fixed else set()
+    if cfg.source is None:
+        needing = sorted(str(m) for m in modes & {"linear_probe", "fine_tune"})
+        return [f"transfer: {', '.join(needing)} start from a checkpoint: name the study that "
+                "trains it as `source`"] if needing else []
+    problems = []
+    if cfg.source == cfg.name:
+        problems.append("source: a study cannot be its own source")
+    elif not (studies_dir / f"{cfg.source}.yaml").is_file():
+        problems.append(f"source: no study file {studies_dir / (cfg.source + '.yaml')}")
+    if not modes:
+        problems.append("source: set `transfer` (scratch, linear_probe, fine_tune) in space or "
+                        "fixed, to say how trials use the source")
+    for where, names in (("fixed", cfg.fixed), ("space", cfg.space)):
+        problems += [f"{where}.{n}: taken from the source study's best trial; remove it"
+                     for n in names if n in (*INHERITED, "pretrained", "freeze")]
+    return problems
+
+
 def _probe_value(spec):
-    if isinstance(spec, CategoricalParam):
-        return spec.choices[0]
+    if isinstance(spec, (CategoricalParam, BundleParam)):
+        return next(iter(spec.choices))
     return spec.low
+
+
+def _bundle_problems(cfg: StudyConfig, name: str, spec: BundleParam) -> list[str]:
+    """Each bundle must be a valid configuration with the fixed settings, and must not set what
+    fixed or another parameter already sets (one place per fact)."""
+    problems = []
+    others = {n for n in cfg.space if n != name}
+    for choice, settings in spec.choices.items():
+        for key in sorted(set(settings) & (set(cfg.fixed) | others)):
+            problems.append(f"space.{name}.{choice}: sets {key}, also given in "
+                            f"{'fixed' if key in cfg.fixed else 'space'}; keep one")
+        known = {k: v for k, v in settings.items() if k in TrainConfig.model_fields}
+        try:
+            TrainConfig(**{**cfg.fixed, "dataset": cfg.dataset, **known})
+        except ValidationError as err:
+            problems += [f"space.{name}.{choice}: {p}" for p in validation_problems(err)
+                         if p.split(":")[0] in known]
+    return problems
+
+
+def _view_problems(views) -> list[str]:
+    from pipeline.report_views import VIEWS
+
+    return [f"report.views: unknown view {v!r} (known: {', '.join(VIEWS)})" for v in views
+            if v not in VIEWS]
 
 
 def _options_problems(kind: str, name: str, options: dict) -> list[str]:

@@ -7,6 +7,8 @@ returns the parent run itself (MLflow #15713), so child runs are created with ``
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import tempfile
 import time
@@ -33,9 +35,22 @@ def tracking_client() -> MlflowClient:
     """A client on the standard URI resolution (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."""
     import mlflow
 
-    if mlflow.get_tracking_uri().startswith("sqlite:"):
-        _sqlite_wal()  # before the client opens its first connection
-    return MlflowClient()
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:"):
+        return MlflowClient()
+    _sqlite_wal()  # before the client opens its first connection
+    # Making a client makes a new store's tables: launchers started together on one machine
+    # raced there ("table ... already exists"). The first makes them, the others wait. The
+    # lock is on the store's folder, so no lock file is left behind.
+    folder = Path(uri.split(":///", 1)[1]).resolve().parent if ":///" in uri else None
+    if folder is None or not folder.is_dir():
+        return MlflowClient()
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return MlflowClient()
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _set_wal(dbapi_connection, _record) -> None:
@@ -64,24 +79,54 @@ def _set_wal_if_sqlite(dbapi_connection, record) -> None:
         _set_wal(dbapi_connection, record)
 
 
+@contextlib.contextmanager
+def quick_requests():
+    """One quick HTTP attempt per call: MLflow's default policy (7 retries, exponential backoff,
+    120 s timeout) takes minutes to give up on a server that is gone; callers that retry do it
+    themselves (check_store does not, spool.SpoolingClient retries with its own bound). A
+    user's own settings win."""
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    unset = [k for k in quick if k not in os.environ]
+    os.environ.update({k: quick[k] for k in unset})
+    try:
+        yield
+    finally:
+        for k in unset:
+            os.environ.pop(k, None)
+
+
 def check_store(client: MlflowClient) -> None:
     """Fail early, before anything is trained, when the tracking store is unusable."""
-    # One quick probe: MLflow's default HTTP policy (7 retries, exponential backoff) takes
-    # minutes to give up on a refused connection. A user's own settings win.
-    probe = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-    unset = [k for k in probe if k not in os.environ]
-    os.environ.update({k: probe[k] for k in unset})
     try:
-        client.search_experiments(max_results=1)
+        with quick_requests():
+            client.search_experiments(max_results=1)
     except Exception as err:
         raise TrackingUnavailable(
             f"cannot use the MLflow tracking store {client.tracking_uri!r}: "
             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
             "Check MLFLOW_TRACKING_URI (unset it to use ./mlflow.db), or start the server."
         ) from None
-    finally:
-        for k in unset:
-            os.environ.pop(k, None)
+
+
+def check_uri() -> bool:
+    """check_store before anything exists: a SQLite store whose file is not there yet is not
+    created here (making a client creates it), only its folder is checked, so that a later
+    bad-input error leaves nothing behind; any other store is probed. False: the store does not
+    exist yet (and so holds no run)."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:"):
+        path = uri.split(":///", 1)[1] if ":///" in uri else ""
+        if path and not Path(path).exists():
+            if not Path(path).resolve().parent.is_dir():
+                raise TrackingUnavailable(
+                    f"cannot use the MLflow tracking store {uri!r}: folder "
+                    f"{Path(path).resolve().parent} does not exist. Create it, or unset "
+                    "MLFLOW_TRACKING_URI to use ./mlflow.db.")
+            return False
+    check_store(tracking_client())
+    return True
 
 
 def resolve_experiment(client: MlflowClient, name: str | None = None) -> str:

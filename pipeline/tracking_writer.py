@@ -188,7 +188,7 @@ def _serve(uri: str, ack_fd: int) -> None:
     client = spool.SpoolingClient(tracking.tracking_client(), retry_seconds=float(
         os.environ.get("PIPELINE_TRACKING_RETRY_SECONDS", RETRY_SECONDS)))
     stdin, acks = sys.stdin.buffer, os.fdopen(ack_fd, "wb")
-    told = False  # the outage is described once; later writes are only listed
+    told = False  # the outage is reported once: later writes are safe in the spool as well
     while header := stdin.read(_HEADER.size):
         (size,) = _HEADER.unpack(header)
         method, args = pickle.loads(stdin.read(size))
@@ -197,8 +197,7 @@ def _serve(uri: str, ack_fd: int) -> None:
             client.flush()  # raises TrackingLost when the write went to the spool
             error = ""
         except spool.TrackingLost as err:
-            error = f"{method} on run {args[0]}: " + (" ".join(str(err).split()) if not told
-                                                       else "kept in the spool too")
+            error = "" if told else f"{method} on run {args[0]}: " + " ".join(str(err).split())
             told = True
         except Exception as err:  # noqa: BLE001 - reported to the parent, with the call
             error = f"{method} on run {args[0]}: {type(err).__name__}: " + " ".join(

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.checkpoint import load_state_dict
 from pipeline.config import TrainConfig
-from pipeline.data import Splits, load_splits
+from pipeline.data import Splits, splits_for
 from pipeline.model import build_model, count_params, weight_matrices
 from pipeline.schedule import lr_schedule_values  # noqa: F401  (re-exported)
 
@@ -41,7 +42,8 @@ class EpochRecord:
 
 @dataclass
 class TrainResult:
-    """Outcome of one run. `model` holds the weights of the best validation epoch."""
+    """Outcome of one run. `model` holds the weights of the best validation epoch (of the last
+    epoch when there is no validation split: a train+val run; `best_val_acc` is then NaN)."""
 
     config: TrainConfig
     history: list[EpochRecord]
@@ -126,6 +128,17 @@ def l2_term(model: nn.Module) -> torch.Tensor:
     return sum(w.pow(2).sum() for w in weight_matrices(model).values())
 
 
+def _loss_stats(losses: torch.Tensor, batch_sizes: torch.Tensor, n_train: int
+                ) -> tuple[float, float]:
+    """The epoch's mean training loss over examples, and the standard deviation of the per-step
+    (batch-mean) loss between its steps: how noisy the training signal is (NaN for one step).
+    One host sync for both."""
+    mean = (losses * batch_sizes).sum() / n_train
+    std = losses.std() if len(losses) > 1 else torch.full_like(mean, float("nan"))
+    mean, std = torch.stack([mean, std]).tolist()
+    return mean, std
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, torch.Tensor]:
     """Mean cross-entropy, accuracy and predictions, in large batches, in eval mode."""
@@ -141,8 +154,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
 
 
 def _load_pretrained(model: nn.Module, cfg: TrainConfig) -> None:
+    """Start from a checkpoint. A `transfer` setup learns a new task, so its final layer keeps
+    its fresh initialisation; a bare `pretrained` loads that layer too when it fits."""
     # weights_only: a checkpoint is data, never code; a pickle with objects is refused.
-    state = torch.load(cfg.pretrained, map_location="cpu", weights_only=True)
+    state = load_state_dict(cfg.pretrained)
+    if cfg.transfer is not None:
+        state = {k: v for k, v in state.items() if not k.startswith("out.")}
     own = model.state_dict()
     mismatched = [k for k, v in state.items()
                   if k in own and own[k].shape != v.shape and not k.startswith("out.")]
@@ -151,7 +168,7 @@ def _load_pretrained(model: nn.Module, cfg: TrainConfig) -> None:
                          f"(mismatched: {mismatched or 'missing layers'})")
     model.load_state_dict({k: v for k, v in state.items()
                            if k in own and own[k].shape == v.shape}, strict=False)
-    if cfg.freeze == "features":
+    if cfg.freeze == "features" or cfg.transfer == "linear_probe":
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("out."))
 
@@ -164,8 +181,7 @@ def train(cfg: TrainConfig, splits: Splits | None = None,
     stops training and propagates to the caller.
     """
     if splits is None:
-        splits = load_splits(cfg.dataset, cfg.data_dir, cfg.data_seed, cfg.val_fraction,
-                             cfg.n_per_class)
+        splits = splits_for(cfg)
     device = resolve_device(cfg.device)
     cuda = [device.index or 0] if device.type == "cuda" else []
     threads = torch.get_num_threads()
@@ -189,6 +205,12 @@ def _train(cfg, splits, device, on_epoch) -> TrainResult:
     model.to(device)
     n_train, bs = len(x_tr), cfg.batch_size
     steps_per_epoch = _steps_per_epoch(n_train, bs)
+    # Each step's batch size, to weight its mean loss into the epoch's mean over examples.
+    batch_sizes = torch.full((steps_per_epoch,), float(bs), device=device)
+    batch_sizes[-1] = n_train - bs * (steps_per_epoch - 1)
+    # A per-epoch test curve is a reporting option: nothing below reads it to choose.
+    test_xy = (splits.x_test.to(device), splits.y_test.to(device)) \
+        if cfg.eval_test_each_epoch else None
     optimizer = make_optimizer(cfg, model)
     # A constant rate needs no scheduler: one Python call less per update.
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch) if cfg.schedule != "constant" \
@@ -203,13 +225,19 @@ def _train(cfg, splits, device, on_epoch) -> TrainResult:
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     cycle_epochs = 2 * cfg.step_size_epochs if cfg.schedule == "cyclical" else 0
 
+    frozen = cfg.pretrained is not None and (cfg.freeze == "features"
+                                             or cfg.transfer == "linear_probe")
+    has_val = len(y_val) > 0  # none in a train+val run: the last epoch is the model
     history: list[EpochRecord] = []
     best_val, best_epoch, best_state, diverged, step = -1.0, 0, None, False, 0
     for epoch in range(1, cfg.n_epochs + 1):
         model.train()
+        if frozen:  # frozen features stay as loaded: batch-norm statistics and dropout included
+            for name, module in model.named_children():
+                module.train(name == "out")
         t0 = time.perf_counter()
         perm = torch.randperm(n_train, generator=gen).to(device)
-        loss_sum = torch.zeros((), device=device)
+        step_losses = []  # per-step losses stay on the device until the epoch ends
         correct = torch.zeros((), dtype=torch.long, device=device)
         grad_sq = torch.zeros(len(tracked), device=device)
         for k in range(steps_per_epoch):
@@ -225,11 +253,11 @@ def _train(cfg, splits, device, on_epoch) -> TrainResult:
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
-            loss_sum.add_(loss.detach(), alpha=len(idx))
+            step_losses.append(loss.detach())
             correct += (out.detach().argmax(1) == yb).sum()
         step += steps_per_epoch
         seconds = time.perf_counter() - t0
-        train_loss = loss_sum.item() / n_train
+        train_loss, train_loss_std = _loss_stats(torch.stack(step_losses), batch_sizes, n_train)
         diverged = not math.isfinite(train_loss)
         with torch.no_grad():
             penalty = cfg.l2_lambda * float(l2_term(model)) if cfg.l2_lambda else 0.0
@@ -237,27 +265,32 @@ def _train(cfg, splits, device, on_epoch) -> TrainResult:
             "train_loss": train_loss,
             "train_cost": train_loss + penalty,
             "train_acc": correct.item() / n_train,
+            **({"train_loss_std": train_loss_std} if steps_per_epoch > 1 else {}),
             "lr": optimizer.param_groups[0]["lr"],
             "samples_per_sec": n_train / seconds,
+            "epoch_seconds": seconds,
         }
-        if not diverged:
+        if not diverged and has_val:
             metrics["val_loss"], metrics["val_acc"], _ = evaluate(model, x_val, y_val)
             metrics["val_cost"] = metrics["val_loss"] + penalty
             diverged = not math.isfinite(metrics["val_loss"])
+        if test_xy is not None and not diverged:
+            metrics["epoch_test_loss"], metrics["epoch_test_acc"], _ = evaluate(model, *test_xy)
         metrics |= {f"grad_norm/{n}": math.sqrt(v / n_grad)
                     for n, v in zip(tracked, grad_sq.tolist())}
         record = EpochRecord(epoch, step, metrics, bool(cycle_epochs and epoch % cycle_epochs == 0),
                              diverged)
         history.append(record)
-        if not diverged and metrics["val_acc"] > best_val:
-            best_val, best_epoch = metrics["val_acc"], epoch
+        if not diverged and (not has_val or metrics["val_acc"] > best_val):
+            best_val, best_epoch = metrics.get("val_acc", float("nan")), epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if on_epoch is not None:
             on_epoch(record)
         if diverged:
             break
 
-    # Test once, on the model chosen by validation: for reporting, never for selection.
+    # Test once, on the model chosen by validation (without validation, the last finite
+    # epoch's): for reporting, never for selection.
     if best_state is not None:
         model.load_state_dict(best_state)
     test_loss, test_acc, test_pred = evaluate(model, splits.x_test.to(device),

@@ -30,7 +30,7 @@ from search_fixtures import one_torch_thread  # noqa: F401  (autouse: the smoke 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 STUDY_FIGURES = ("history", "objective_vs_params", "pair", "parallel_coordinates", "importance",
                  "top_curves", "lr_schedule", "generalisation", "confusion", "misclassified",
-                 "grad_norms")
+                 "correct", "grad_norms")
 
 
 def run_report(folder: Path, uri: str, *argv: str) -> Outcome:

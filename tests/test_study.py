@@ -9,7 +9,8 @@ import yaml
 from optuna.trial import TrialState, create_trial
 
 from pipeline.config import ConfigError, TrainConfig
-from pipeline.study import CategoricalParam, FloatParam, IntParam, StudyConfig, load_study
+from pipeline.study import (BundleParam, CategoricalParam, FloatParam, IntParam, StudyConfig,
+                            load_study)
 from search_fixtures import (STUDIES, all_runs, fresh_store, journal, run_search, study_names,
                              write_study)
 
@@ -28,12 +29,15 @@ def test_every_shipped_study_file_loads(path):
     cfg = load_study(path.stem)
     assert cfg == load_study(str(path))  # by name or by path: the same study
     assert cfg.name == path.stem  # a parent is named by its file; its Optuna study by `name`
-    assert cfg.space or cfg.parent  # something to search
+    assert cfg.space or cfg.parent or cfg.n_trials == 1  # something to search, or one run
     for name, spec in cfg.space.items():
-        assert name in TrainConfig.model_fields
+        if isinstance(spec, BundleParam):  # a name for several settings
+            assert all(set(b) <= set(TrainConfig.model_fields) for b in spec.choices.values())
+        else:
+            assert name in TrainConfig.model_fields
         assert name not in cfg.fixed
-    cfg.train_config({n: s.low if not isinstance(s, CategoricalParam) else s.choices[0]
-                      for n, s in cfg.space.items()})
+    cfg.train_config({n: next(iter(s.choices)) if isinstance(s, (CategoricalParam, BundleParam))
+                      else s.low for n, s in cfg.space.items()})
     if cfg.parent:
         assert load_study(cfg.parent).name == cfg.parent
 

@@ -37,7 +37,8 @@ def triangular_lr(t: int, n_s: int, eta_min: float, eta_max: float) -> float:
 
 def without_timing(history):
     return [(r.epoch, r.step, r.cycle_end, r.diverged,
-             {k: v for k, v in r.metrics.items() if k != "samples_per_sec"}) for r in history]
+             {k: v for k, v in r.metrics.items() if k not in ("samples_per_sec", "epoch_seconds")})
+            for r in history]
 
 
 # -- learning-rate schedule ----------------------------------------------------------------------
