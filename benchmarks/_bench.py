@@ -77,12 +77,42 @@ class CpuMeter:
             user, nice, system, _idle, _iowait, irq, softirq, steal = map(
                 int, f.readline().split()[1:9])
         t = os.times()  # children: subprocesses this process has waited for
-        own = t.user + t.system + t.children_user + t.children_system
+        own = t.user + t.system + t.children_user + t.children_system + _live_children()
         return (user + nice + system + irq + softirq + steal) / _CLK_TCK, own
 
     def describe(self) -> str:
         return (f"load average {self.load_before:.2f} -> {self.load_after:.2f}; this benchmark "
                 f"used {self.own_cores:.2f} cores, other processes {self.other_cores:.2f} cores")
+
+
+def _live_children() -> float:
+    """CPU seconds of this process's running children (such as the MLflow writer process),
+    which os.times() counts only once they have been waited for."""
+    me, total = str(os.getpid()), 0.0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if fields[1] == me:  # ppid; then utime, stime at 14, 15 (1-based, after the name)
+            total += (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    return total
+
+
+def memory_and_fds() -> tuple[int, int]:
+    """Resident bytes of this process and its running children, and this process's open file
+    descriptors."""
+    me, rss = str(os.getpid()), 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if pid == me or fields[1] == me:
+            rss += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # rss, in pages
+    return rss, len(os.listdir("/proc/self/fd"))
 
 
 def code_state() -> str:

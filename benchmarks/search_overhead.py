@@ -121,6 +121,7 @@ class CallTimer:
                     timer._stack[-1][3] += cpu
                 if closes_trial and not timer._stack:
                     bucket["cpu_end"] = time.thread_time()
+                    bucket["rss"], bucket["fds"] = _bench.memory_and_fds()
                     timer.buckets.append(timer._bucket())
 
         setattr(owner, attr, timed)
@@ -164,7 +165,6 @@ def instrument() -> CallTimer:
     for name in ("start_run", "log_params", "log_epochs", "log_artifacts", "set_tags", "end_run"):
         timer.wrap(tracking, name, f"mlflow {name}")
     timer.wrap(artifacts, "training_artifacts", "artifact files (csv, torch.save)")
-    timer.wrap(objective, "_npy", "artifact files (csv, torch.save)")
     timer.wrap(optuna.study.Study, "tell", "study.tell", closes_trial=True)
     timer.count_fsync()
     return timer
@@ -322,12 +322,37 @@ def print_growth(results: list[dict], early: tuple[int, int], late: tuple[int, i
         columns += [(f"{r['name']} {e_txt}", r, window(r["rows"], *early)),
                     (f"{r['name']} {l_txt}", r, window(r["rows"], *late))]
     print_breakdown([c for c in columns if c[2]])
+    print_endurance(results, early, late)
     for r in results:
         states = defaultdict(int)
         for i in window(r["rows"], *early) + window(r["rows"], *late):
             states[r["rows"][i]["state"]] += 1
         print(f"  {r['name']}: {r['cpu'].describe()}; trials in the windows by state "
               f"{dict(states)}")
+
+
+def print_endurance(results: list[dict], early: tuple[int, int], late: tuple[int, int]) -> None:
+    """Memory and open files per trial (the endurance targets: growth below 1 MB per trial,
+    open file handles flat). RSS counts this process and its children (the MLflow writer),
+    sampled when each trial is told; growth is the least-squares slope from the early window on
+    (the first trials warm caches and allocators)."""
+    print("\nmemory and open files, sampled as each trial is told (this process + its children):"
+          "\n")
+    print(f"| study | RSS at trial {early[1]} MiB | RSS at the last trial MiB | growth per trial "
+          f"from trial {early[1]} (KiB, target < 1024) | open fds, trials {early[0]}-{early[1]} "
+          f"| open fds, trials {late[0]}-{late[1]} |")
+    print("|---|---:|---:|---:|---|---|")
+    for r in results:
+        pts = [(row["number"], b["rss"], b["fds"]) for row, b in zip(r["rows"], r["buckets"])]
+        tail = [(n, rss) for n, rss, _ in pts if n >= early[1]]
+        if len(tail) < 2:
+            continue
+        slope = statistics.linear_regression([n for n, _ in tail], [x for _, x in tail]).slope
+        fds = {name: sorted({f for n, _, f in pts if lo <= n <= hi})
+               for name, (lo, hi) in (("early", early), ("late", late))}
+        verdict = "PASS" if slope < 2**20 else "FAIL"
+        print(f"| {r['name']} | {tail[0][1] / 2**20:.1f} | {tail[-1][1] / 2**20:.1f} | "
+              f"{slope / 1024:.1f} {verdict} | {fds['early']} | {fds['late']} |")
 
 
 def print_profile(result: dict, n: int = 35) -> None:
