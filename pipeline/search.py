@@ -93,7 +93,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: " + "; ".join(problems), file=sys.stderr)
         return EXIT_BAD_INPUT
     opts = SearchOptions(**{k: v for k, v in vars(args).items()})
-    from pipeline import engine, interrupt, spool  # heavy imports only once the flags are sound
+    from pipeline.config import ConfigError
+    from pipeline.study import load_study
+
+    try:  # a wrong study file is told in a fraction of a second, before torch and MLflow load
+        load_study(opts.study)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from pipeline import engine, interrupt, spool  # heavy imports only once the input is sound
 
     try:
         with interrupt.stop_on_signals():  # SIGTERM too ends the running trial cleanly
