@@ -387,9 +387,11 @@ def main(argv=None) -> int:
     parser.add_argument("--tmp-root", default=None,
                         help="make the temporary folder here (e.g. /dev/shm: no fsync cost)")
     parser.add_argument("--journal-fsync", choices=("on", "off"), default="on",
-                        help="experiment: off = Optuna's journal appends without os.fsync")
+                        help="experiment: off = Optuna's journal appends without os.fsync "
+                        "(no effect since 98791df: pipeline.storage.JournalFile already does)")
     parser.add_argument("--sqlite-sync", choices=("default", "wal"), default="default",
-                        help="experiment: wal = MLflow's SQLite in WAL mode, synchronous=NORMAL")
+                        help="experiment: wal = MLflow's SQLite in WAL mode, synchronous=NORMAL "
+                        "(no effect since b768abb: pipeline.tracking already does)")
     parser.add_argument("--profile", default="", help="cProfile this long study (qmc or tpe)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args(argv)
