@@ -11,7 +11,7 @@ cores are not all training, the writes cost the trainer nothing.
 - Run creation and every read go to an in-process client: creating a run returns its id, which
   the trial records at once. A read first waits for the queue to drain (reads see the writes).
 - `flush()` waits until every queued write is done and raises `TrackingUnavailable` naming the
-  call that failed; a failed write is retried for `RETRY_SECONDS` first (a restarting server),
+  call that failed; a failed write is retried first (a restarting server; `pipeline.spool`),
   then kept in the spool (spool.py) for `python -m pipeline.doctor --repair` to replay.
 - The child ignores Ctrl-C and stops only when its input ends, after the last write: a worker
   that is interrupted or killed loses none of the writes it had queued.
@@ -30,7 +30,6 @@ import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -38,7 +37,6 @@ from pathlib import Path
 from pipeline.tracking import TrackingUnavailable
 
 WRITES = ("log_batch", "log_artifacts", "set_tag", "set_terminated")
-RETRY_SECONDS = 30.0
 _HEADER = struct.Struct("!I")
 
 
@@ -160,13 +158,11 @@ class QueuedClient:
 
 
 def _perform(client, method: str, args: tuple) -> None:
-    if method == "log_artifacts":
+    from pipeline import tracking
+
+    if method == "log_artifacts":  # the files travelled as {relative path: bytes}
         run_id, files, artifact_path = args
-        with tempfile.TemporaryDirectory() as tmp:
-            for rel, content in files.items():
-                Path(tmp, rel).parent.mkdir(parents=True, exist_ok=True)
-                Path(tmp, rel).write_bytes(content)
-            client.log_artifacts(run_id, tmp, artifact_path)
+        tracking.log_artifacts(client, run_id, files, artifact_path)
     elif method == "log_batch":
         run_id, metrics, params, tags = args
         client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
@@ -179,14 +175,11 @@ def _perform(client, method: str, args: tuple) -> None:
 def _serve(uri: str, ack_fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # we retry, and say so
-    from pipeline import tracking
-
     os.environ["MLFLOW_TRACKING_URI"] = uri
-    from pipeline import spool
+    from pipeline import spool, tracking
 
-    # Retried for RETRY_SECONDS, then kept in the spool for `pipeline.doctor --repair` (spool.py).
-    client = spool.SpoolingClient(tracking.tracking_client(), retry_seconds=float(
-        os.environ.get("PIPELINE_TRACKING_RETRY_SECONDS", RETRY_SECONDS)))
+    # Retried, then kept in the spool for `pipeline.doctor --repair` (spool.py).
+    client = spool.SpoolingClient(tracking.tracking_client())
     stdin, acks = sys.stdin.buffer, os.fdopen(ack_fd, "wb")
     told = False  # the outage is reported once: later writes are safe in the spool as well
     while header := stdin.read(_HEADER.size):

@@ -27,51 +27,48 @@ def store(tmp_path, monkeypatch):
     return client, client.create_experiment("e")
 
 
-def test_writes_land_in_order_with_artifacts_from_a_deleted_folder(store):
+@pytest.fixture
+def queued(store):
+    """A QueuedClient on the store, and the experiment id; closed after the test."""
     plain, exp = store
     client = QueuedClient(plain)
-    try:
-        run_id = tracking.start_run(client, exp, "r", tags={"pipeline.kind": "trial"})
-        for step in range(3):  # the same key at three steps: order must survive
-            client.log_batch(run_id, metrics=[Metric("m", float(step), 0, step)])
-        client.log_batch(run_id, params=[Param("p", "1")], tags=[RunTag("t", "x")])
-        tracking.log_artifacts(client, run_id, {"a.txt": "hello", "sub/b.bin": b"\x00\x01"})
-        tracking.end_run(client, run_id, "KILLED")
-        ended = int(time.time() * 1000)
+    yield client, exp
+    client.close()
+
+
+def test_writes_land_in_order_with_artifacts_from_a_deleted_folder(queued):
+    client, exp = queued
+    run_id = tracking.start_run(client, exp, "r", tags={"pipeline.kind": "trial"})
+    for step in range(3):  # the same key at three steps: order must survive
+        client.log_batch(run_id, metrics=[Metric("m", float(step), 0, step)])
+    client.log_batch(run_id, params=[Param("p", "1")], tags=[RunTag("t", "x")])
+    tracking.log_artifacts(client, run_id, {"a.txt": "hello", "sub/b.bin": b"\x00\x01"})
+    tracking.end_run(client, run_id, "KILLED")
+    ended = int(time.time() * 1000)
+    client.flush()
+    run = MlflowClient().get_run(run_id)  # a separate reader
+    assert run.info.status == "KILLED"
+    assert run.info.end_time <= ended  # when the trial ended, not when the child wrote
+    assert [m.value for m in MlflowClient().get_metric_history(run_id, "m")] == [0, 1, 2]
+    assert run.data.params == {"p": "1"} and run.data.tags["t"] == "x"
+    local = Path(MlflowClient().download_artifacts(run_id, "", tempfile.mkdtemp()))
+    assert (local / "a.txt").read_text() == "hello"
+    assert (local / "sub" / "b.bin").read_bytes() == b"\x00\x01"
+
+
+def test_reads_wait_for_the_queued_writes(queued):
+    client, exp = queued
+    run_id = client.create_run(exp).info.run_id
+    client.log_batch(run_id, metrics=[Metric(f"m{i}", i, 0, 0) for i in range(200)])
+    assert len(client.get_run(run_id).data.metrics) == 200
+
+
+def test_a_failed_write_is_reported_with_the_call_and_the_fix(queued):
+    client, _ = queued
+    client.set_terminated("0" * 32, "FINISHED")  # no such run: not retried
+    with pytest.raises(TrackingUnavailable, match="(?s)set_terminated on run 0{32}.*doctor"):
         client.flush()
-        run = MlflowClient().get_run(run_id)  # a separate reader
-        assert run.info.status == "KILLED"
-        assert run.info.end_time <= ended  # when the trial ended, not when the child wrote
-        assert [m.value for m in MlflowClient().get_metric_history(run_id, "m")] == [0, 1, 2]
-        assert run.data.params == {"p": "1"} and run.data.tags["t"] == "x"
-        local = Path(MlflowClient().download_artifacts(run_id, "", tempfile.mkdtemp()))
-        assert (local / "a.txt").read_text() == "hello"
-        assert (local / "sub" / "b.bin").read_bytes() == b"\x00\x01"
-    finally:
-        client.close()
-
-
-def test_reads_wait_for_the_queued_writes(store):
-    plain, exp = store
-    client = QueuedClient(plain)
-    try:
-        run_id = client.create_run(exp).info.run_id
-        client.log_batch(run_id, metrics=[Metric(f"m{i}", i, 0, 0) for i in range(200)])
-        assert len(client.get_run(run_id).data.metrics) == 200
-    finally:
-        client.close()
-
-
-def test_a_failed_write_is_reported_with_the_call_and_the_fix(store):
-    plain, _ = store
-    client = QueuedClient(plain)
-    try:
-        client.set_terminated("0" * 32, "FINISHED")  # no such run: not retried
-        with pytest.raises(TrackingUnavailable, match="(?s)set_terminated on run 0{32}.*doctor"):
-            client.flush()
-        client.flush()  # reported once
-    finally:
-        client.close()
+    client.flush()  # reported once
 
 
 def test_writes_queued_by_a_killed_process_still_land(store, tmp_path):
