@@ -7,6 +7,7 @@ written in the real on-disk formats, and MLflow runs against a real SQLite store
 from __future__ import annotations
 
 import shutil
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -60,7 +61,16 @@ def empty_mlflow_db(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mlflow-template")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}").search_experiments()
+        MlflowClient(tracking_uri=f"sqlite:///{root / 'made.db'}").search_experiments()
+    # The tests copy this file as it is. Once a pipeline client has put SQLite in WAL mode (a
+    # process-wide hook), part of the schema can still sit in `made.db-wal`: take a consistent
+    # snapshot into a file of its own, in rollback-journal mode, that a plain copy carries whole.
+    src, dst = sqlite3.connect(root / "made.db"), sqlite3.connect(root / "mlflow.db")
+    with src, dst:
+        src.backup(dst)
+        dst.execute("PRAGMA journal_mode=DELETE")
+    src.close()
+    dst.close()
     return root / "mlflow.db"
 
 
