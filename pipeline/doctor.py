@@ -116,21 +116,26 @@ def examine(study, spec, client, folder: Path) -> list[Finding]:
     """Every finding, each with the repair that is safe for it (if any)."""
     from optuna.trial import TrialState
 
-    from pipeline import liveness, spool, stale
+    from pipeline import liveness, spool, stale, tracking
+    from pipeline.tracking_writer import PENDING
 
     trials = study.get_trials(deepcopy=False)
-    runs = _study_runs(client, study.study_name)
+    runs = tracking.study_runs(client, study.study_name)
     trial_runs = {r.info.run_id: r for r in runs if r.data.tags.get("pipeline.kind") == "trial"}
     waiting = set(spool.spooled_runs(folder))
     out: list[Finding] = []
 
     stale_numbers = {t.number for t in stale.stale_trials(study, spec)}
     fail_stale = _fail_stale(study, spec, client)  # one repair for all of them
+    # A trial whose worker died before recording its run's id (the run is made off the
+    # trial's path) is matched to its run by the run's trial_number tag.
+    by_number = {r.data.tags.get("pipeline.trial_number"): run_id
+                 for run_id, r in trial_runs.items()}
     owned: dict[str, int] = {}
     for t in trials:
         if t.state == TrialState.WAITING:
             continue  # not started: a requeued trial still carries its original's run id
-        run_id = t.user_attrs.get("mlflow_run_id")
+        run_id = t.user_attrs.get("mlflow_run_id") or by_number.get(str(t.number))
         if run_id:
             owned[run_id] = t.number
         if t.state == TrialState.RUNNING:
@@ -203,6 +208,17 @@ def examine(study, spec, client, folder: Path) -> list[Finding]:
         else:
             out.append(Finding("study run RUNNING", "no trial is running: its launcher is gone",
                                run=run_id, fix=_close_study_run(client, spec, study, run_id)))
+
+    # A trial's run whose very creation was spooled (the store was away when it started): it
+    # is known by its pending id and its tags only.
+    for pending_id in sorted(w for w in waiting if w.startswith(PENDING)):
+        first = (spool.pending(pending_id, folder) or [{}])[0]
+        tags = first.get("tags") or {} if first.get("method") == "create_run" else {}
+        if tags.get("pipeline.study") == study.study_name:
+            out.append(Finding("spooled", f"the run of trial {tags.get('pipeline.trial_number')} "
+                               f"was never made (the store was away); its creation and writes "
+                               f"are waiting in {folder}", run=pending_id,
+                               fix=_replay(client, pending_id, folder)))
     return out
 
 
@@ -213,19 +229,6 @@ def _ended_status(trial) -> str:
         return sorted(MIRROR[trial.state.name])[0]
     error = trial.user_attrs.get("error", "")
     return "FAILED" if error and not error.startswith(("interrupted", "stale")) else "KILLED"
-
-
-def _study_runs(client, key: str) -> list:
-    """Every active run tagged with the study (study runs and trial runs), all pages."""
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    runs, token = [], None
-    while True:
-        page = client.search_runs(experiments, f"tags.`pipeline.study` = '{key}'",
-                                  max_results=1000, page_token=token)
-        runs += list(page)
-        token = page.token
-        if not token:
-            return runs
 
 
 def _get_run(client, run_id: str):
@@ -252,8 +255,9 @@ def _replay(client, run_id: str, folder: Path) -> Callable[[], str]:
     def fix() -> str:
         from pipeline import spool
 
-        n = spool.replay(client, run_id, folder)
-        return f"wrote the {n} spooled write(s) of run {run_id} into {client.tracking_uri}"
+        n, made = spool.replay(client, run_id, folder)
+        what = f"run {run_id}" if made == run_id else f"run {made} (its creation was spooled)"
+        return f"wrote the {n} spooled write(s) of {what} into {client.tracking_uri}"
     return fix
 
 

@@ -156,7 +156,18 @@ def run_study(opts) -> int:
     if plan.parent_key and not _study_exists(storage, plan.key):
         narrowing = _narrow_from_parent(plan, storage, opts)
     client = client or spool.SpoolingClient(tracking.tracking_client())
+    # Every check has passed: the trials' MLflow writer starts now, so that its start-up
+    # (importing MLflow, about a second) overlaps the study's setup rather than its first trials.
+    writer = QueuedClient(client) if opts.workers == 1 else None
+    try:
+        return _run_checked(opts, plan, storage, narrowing, client, source, writer)
+    finally:
+        if writer is not None:
+            writer.close()
 
+
+def _run_checked(opts, plan: Plan, storage, narrowing, client, source, writer) -> int:
+    """run_study after every check: create or resume the study and its run, run the trials."""
     study, search_space = _create_or_load(plan, storage, narrowing)
     _fail_stale(study, plan, client)
     experiment_id = tracking.resolve_experiment(client, opts.experiment)
@@ -172,7 +183,7 @@ def run_study(opts) -> int:
             if opts.workers > 1:
                 broken = _run_processes(opts, plan, ctx)
             else:
-                broken = run_worker(ctx, study, plan, client, quiet=opts.quiet)
+                broken = run_worker(ctx, study, plan, client, quiet=opts.quiet, writer=writer)
         except (tracking.TrackingUnavailable, spool.TrackingLost) as err:  # not bad input now
             raise spool.TrackingLost(f"[{plan.key}] {err}".replace(
                 "--study NAME", f"--study {plan.key}")) from None
@@ -368,18 +379,24 @@ def _budget_spent(trials, n_trials: int) -> bool:
     return not waiting and len(counted) >= n_trials
 
 
-def run_worker(ctx, study, plan: Plan, client, quiet: bool = False) -> bool:
+def run_worker(ctx, study, plan: Plan, client, quiet: bool = False,
+               writer: QueuedClient | None = None) -> bool:
     """Claim and run trials until the budget is spent. Returns True when it stopped because
     too many trials failed in a row (a broken study, not bad luck).
 
-    The trials' MLflow writes go through a `QueuedClient`: a child process performs them while
-    the next trial trains, and all of them are done when this returns."""
+    The trials' MLflow writes go through a `QueuedClient` (``writer``, else one made here on
+    ``client``): a child process performs them while the next trial trains, and all of them
+    are done when this returns."""
     _own_sampler_seed(study, plan, ctx.space)
-    client = QueuedClient(client)
+    own = writer is None
+    writer = QueuedClient(client) if own else writer
     try:
-        return _run_trials(ctx, study, plan, client, quiet)
+        return _run_trials(ctx, study, plan, writer, quiet)
     finally:
-        client.close()
+        if own:
+            writer.close()
+        else:
+            writer.flush()
 
 
 def _run_trials(ctx, study, plan: Plan, client: QueuedClient, quiet: bool) -> bool:

@@ -21,7 +21,6 @@ from pipeline.data import splits_for
 from pipeline.study import StudyConfig
 from pipeline.train import EpochRecord, train
 
-FLUSH_SECONDS = 2.0  # epoch metrics reach MLflow at least this often while a trial runs
 
 
 @dataclass(frozen=True)
@@ -42,16 +41,39 @@ def trial_seed(study_seed: int, number: int) -> int:
     return (study_seed * 1_000_003 + number) % 2**31
 
 
+class _RunLink:
+    """Records the trial's run id on the trial. The run is made by the writer process while the
+    trial trains (``tracking.start_run_later``): its id is recorded at the first epoch that
+    finds it made, and waited for when the trial ends. A worker killed before that leaves a run
+    found by its tags (stale.py, doctor.py); a store that is away stops the study when the trial
+    ends, with the run's creation and writes kept in the spool."""
+
+    def __init__(self, trial: optuna.Trial, client, pending: str):
+        self.trial, self.client, self.pending = trial, client, pending
+        self.done = False
+
+    def record(self, wait: bool) -> None:
+        if self.done:
+            return
+        run_id = self.client.run_id(self.pending, wait=wait)
+        if run_id is None:
+            if wait:  # the writer's own error follows from client.check() (engine)
+                raise tracking.TrackingUnavailable(
+                    f"the MLflow run of trial {self.trial.number} could not be created")
+            return
+        self.trial.set_user_attr("mlflow_run_id", run_id)
+        self.done = True
+
+
 class _EpochLogger:
-    """Per-epoch callback: buffers metrics for MLflow (with the run's params until they are
-    written), reports to the pruner."""
+    """Per-epoch callback: records the trial's run id once it exists, writes metrics to MLflow
+    in batches (with the run's params in the first; tracking.EpochWriter), reports to the
+    pruner."""
 
     def __init__(self, client: MlflowClient, run_id: str, trial: optuna.Trial, metric: str,
-                 params: dict):
-        self.client, self.run_id, self.trial, self.metric = client, run_id, trial, metric
-        self.params: dict | None = params  # logged with the first write
-        self.buffer: list[EpochRecord] = []
-        self.last_flush = time.perf_counter()
+                 params: dict, link: _RunLink):
+        self.trial, self.metric, self.link = trial, metric, link
+        self.writer = tracking.EpochWriter(client, run_id, params=params)
         self.seconds = 0.0  # spent here, inside train(): orchestration, not training
 
     def __call__(self, record: EpochRecord) -> None:
@@ -62,22 +84,18 @@ class _EpochLogger:
             self.seconds += time.perf_counter() - t0
 
     def _on_epoch(self, record: EpochRecord) -> None:
-        self.buffer.append(record)
+        self.link.record(wait=False)
+        self.writer(record)
         if record.diverged:
             raise optuna.TrialPruned(f"diverged at epoch {record.epoch} (non-finite loss)")
         self.trial.report(record.metrics[self.metric], record.epoch)
-        if time.perf_counter() - self.last_flush > FLUSH_SECONDS:
-            self.flush()
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at epoch {record.epoch}")
 
     def flush(self, final: dict | None = None, final_step: int = 0,
               tags: dict | None = None) -> None:
         """Write what is buffered (and the final metrics and tags) in one batch."""
-        tracking.log_epochs(self.client, self.run_id, self.buffer, final=final,
-                            final_step=final_step, params=self.params, tags=tags)
-        self.buffer, self.params = [], None
-        self.last_flush = time.perf_counter()
+        self.writer.flush(final, final_step, tags)
 
 
 def run_trial(ctx: TrialContext, trial: optuna.Trial, client: MlflowClient
@@ -93,9 +111,11 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial, client: MlflowClient
             "pipeline.trial_number": str(trial.number)}
     if retry_of is not None:
         tags["pipeline.retry_of"] = str(retry_of)
-    run_id = tracking.start_run(client, ctx.experiment_id, run_name, parent_id=ctx.study_run_id,
-                                tags=tags)
-    trial.set_user_attr("mlflow_run_id", run_id)  # at once: a crash must find its run
+    # The writer process makes the run while this one trains; until it exists the run is
+    # named by a pending id (writes may already use it).
+    run_id = tracking.start_run_later(client, ctx.experiment_id, run_name, ctx.study_run_id,
+                                      tags)
+    link = _RunLink(trial, client, run_id)
     logger = None
     try:
         inherited = transfer.trial_settings(ctx.source,
@@ -103,7 +123,7 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial, client: MlflowClient
         cfg = ctx.study.train_config({"seed": seed, **params, **inherited})
         splits = splits_for(cfg)
         logger = _EpochLogger(client, run_id, trial, ctx.study.objective.metric,
-                              {**params, **cfg.model_dump(), "trial_number": trial.number})
+                              {**params, **cfg.model_dump(), "trial_number": trial.number}, link)
         t_train = time.perf_counter()
         try:
             result = train(cfg, splits, on_epoch=logger)
@@ -139,6 +159,9 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial, client: MlflowClient
                 logger.flush()
         tracking.end_run(client, run_id, "KILLED")
         raise
+    finally:  # the run's id, if no epoch found it made (the engine reports a store gone)
+        with contextlib.suppress(tracking.TrackingUnavailable):
+            link.record(wait=True)
 
 
 def _objective_value(result, objective) -> float:

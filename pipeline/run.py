@@ -112,22 +112,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def train_and_log(client, run_id: str, cfg: TrainConfig, splits):
-    """Train with every epoch logged as it ends, then log the final metrics and the artifacts
-    (figures included) and end the run: FINISHED, FAILED (an error) or KILLED (Ctrl-C)."""
+    """Train with the epochs logged as they end (in batches), then log the final metrics and the
+    artifacts (figures included) and end the run: FINISHED, FAILED (an error) or KILLED (Ctrl-C)."""
     from pipeline import artifacts, tracking
     from pipeline.train import train
 
     status = "FAILED"
+    epochs = tracking.EpochWriter(client, run_id)  # epochs in batches, every few seconds
     try:
-        result = train(cfg, splits, on_epoch=lambda rec: tracking.log_epoch(client, run_id, rec))
-        tracking.log_metrics(client, run_id, result.final_metrics(), step=result.history[-1].step)
-        tracking.set_tags(client, run_id, {"pipeline.diverged": str(result.diverged).lower()})
+        result = train(cfg, splits, on_epoch=epochs)
+        epochs.flush(final=result.final_metrics(), final_step=result.history[-1].step,
+                     tags={"pipeline.diverged": str(result.diverged).lower()})
         tracking.log_artifacts(client, run_id, artifacts.training_artifacts(result, splits))
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
+        epochs.flush()  # the epochs of a run that stopped early, if any wait
         tracking.end_run(client, run_id, status)
     return result
 

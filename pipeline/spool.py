@@ -97,6 +97,27 @@ class SpoolingClient:
             self._down = _describe(err)
             raise TrackingLost(self._message("could not create a run")) from None
 
+    def create_run_or_spool(self, pending: str, experiment_id, start_time=None, tags=None,
+                            run_name=None) -> str | None:
+        """Create a run whose writes may already be queued under ``pending`` (an id handed out
+        before the run existed, tracking_writer.py). When the store is gone, the creation is
+        kept as the first record of ``pending``'s spool, and its writes after it: ``replay``
+        makes the run, then writes them. Returns the run id, or None when spooled."""
+        if not self._down:
+            try:
+                return self._retrying(lambda: self._client.create_run(
+                    experiment_id, start_time=start_time, tags=tags, run_name=run_name)
+                    ).info.run_id
+            except Exception as err:
+                if not transient(err):
+                    raise
+                self._down = _describe(err)
+        keep(self.folder, "create_run", pending, {"experiment_id": experiment_id,
+                                                  "start_time": start_time, "tags": tags,
+                                                  "run_name": run_name})
+        self._spooled.append(pending)
+        return None
+
     # -- the rest ----------------------------------------------------------------------------
     def __getattr__(self, name):
         return getattr(self._client, name)
@@ -194,22 +215,32 @@ def pending(run_id: str, folder: Path | None = None) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def replay(client, run_id: str, folder: Path | None = None) -> int:
-    """Write a run's spooled writes into the store, in order; returns how many. On an error the
-    writes not yet done stay in the spool (the error is raised)."""
+def replay(client, run_id: str, folder: Path | None = None) -> tuple[int, str]:
+    """Write a run's spooled writes into the store, in order; returns how many, and the run's
+    id (new when the run's creation was spooled too: ``run_id`` was then a pending id). On an
+    error the writes not yet done stay in the spool (the error is raised)."""
     folder = folder or spool_dir()
     records = pending(run_id, folder)
     path = folder / f"{run_id}.jsonl"
+    target = run_id
     for i, rec in enumerate(records):
         try:
-            _perform(client, rec["method"], run_id, _decode(rec, folder))
-        except BaseException:
-            path.write_text("".join(json.dumps(r) + "\n" for r in records[i:]))
+            if rec["method"] == "create_run":
+                target = client.create_run(rec["experiment_id"], start_time=rec["start_time"],
+                                           tags=rec["tags"], run_name=rec["run_name"]
+                                           ).info.run_id
+            else:
+                _perform(client, rec["method"], target, _decode(rec, folder))
+        except BaseException:  # the rest stays, under the run's id once it has one
+            folder.joinpath(f"{target}.jsonl").write_text(
+                "".join(json.dumps(r) + "\n" for r in records[i:]))
+            if target != run_id:
+                path.unlink()
             raise
     path.unlink(missing_ok=True)
     with contextlib.suppress(FileNotFoundError):
         shutil.rmtree(folder / run_id)
-    return len(records)
+    return len(records), target
 
 
 def _decode(rec: dict, folder: Path) -> dict:

@@ -54,7 +54,10 @@ def fail_stale(study: optuna.Study, spec: storage_mod.StorageSpec, client) -> li
                 study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
                 storage_mod.retry_stale(study, study._storage.get_trial(t._trial_id))
     for t in stale:
-        run_id = t.user_attrs.get("mlflow_run_id")
+        # A worker that died before its trial's first epoch had not recorded the run's id yet
+        # (the run is made off the trial's path, tracking_writer.py): found by its tags.
+        run_id = (t.user_attrs.get("mlflow_run_id")
+                  or tracking.find_trial_run(client, study.study_name, t.number))
         if run_id and client.get_run(run_id).info.status == "RUNNING":
             tracking.end_run(client, run_id, "KILLED")
     return stale

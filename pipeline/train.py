@@ -208,6 +208,7 @@ def _train(cfg, splits, device, on_epoch) -> TrainResult:
     # Each step's batch size, to weight its mean loss into the epoch's mean over examples.
     batch_sizes = torch.full((steps_per_epoch,), float(bs), device=device)
     batch_sizes[-1] = n_train - bs * (steps_per_epoch - 1)
+    train_pred = torch.empty(n_train, dtype=torch.long, device=device)  # in the epoch's order
     # A per-epoch test curve is a reporting option: nothing below reads it to choose.
     test_xy = (splits.x_test.to(device), splits.y_test.to(device)) \
         if cfg.eval_test_each_epoch else None
@@ -238,10 +239,10 @@ def _train(cfg, splits, device, on_epoch) -> TrainResult:
         t0 = time.perf_counter()
         perm = torch.randperm(n_train, generator=gen).to(device)
         step_losses = []  # per-step losses stay on the device until the epoch ends
-        correct = torch.zeros((), dtype=torch.long, device=device)
         grad_sq = torch.zeros(len(tracked), device=device)
         for k in range(steps_per_epoch):
-            idx = perm[k * bs:n_train if k == steps_per_epoch - 1 else (k + 1) * bs]
+            start, stop = k * bs, n_train if k == steps_per_epoch - 1 else (k + 1) * bs
+            idx = perm[start:stop]
             xb, yb = x_tr[idx], y_tr[idx]
             out = model(xb)
             loss = F.cross_entropy(out, yb)
@@ -254,8 +255,11 @@ def _train(cfg, splits, device, on_epoch) -> TrainResult:
             if scheduler is not None:
                 scheduler.step()
             step_losses.append(loss.detach())
-            correct += (out.detach().argmax(1) == yb).sum()
+            # One kernel into a preallocated buffer; compared with the labels once an epoch
+            # (argmax, compare, sum and add every step cost 3 % of a small MLP's epoch).
+            torch.argmax(out.detach(), 1, out=train_pred[start:stop])
         step += steps_per_epoch
+        correct = (train_pred == y_tr[perm]).sum()
         seconds = time.perf_counter() - t0
         train_loss, train_loss_std = _loss_stats(torch.stack(step_losses), batch_sizes, n_train)
         diverged = not math.isfinite(train_loss)

@@ -14,9 +14,11 @@ import pytest
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from pipeline import tracking
+from pipeline import spool, tracking
 from pipeline.tracking import TrackingUnavailable
-from pipeline.tracking_writer import QueuedClient
+from pipeline.tracking_writer import PENDING, QueuedClient
+from pipeline.train import EpochRecord
+from search_fixtures import free_port
 
 
 @pytest.fixture
@@ -97,3 +99,75 @@ def test_writes_queued_by_a_killed_process_still_land(store, tmp_path):
         assert time.monotonic() < deadline, "the queued writes never landed"
         time.sleep(0.2)
     assert MlflowClient().get_run(run_id).data.metrics == {"m": 1.0}
+
+
+def test_a_run_made_by_the_child_takes_the_writes_that_named_its_pending_id(queued):
+    client, exp = queued
+    parent = client.create_run(exp).info.run_id
+    deadline = time.monotonic() + 60  # until then, runs are made in-process (a real id)
+    while not client._ready:
+        assert time.monotonic() < deadline, "the writer child never came up"
+        time.sleep(0.05)
+    pending = tracking.start_run_later(client, exp, "study-007", parent,
+                                       {"pipeline.kind": "trial", "pipeline.study": "study",
+                                        "pipeline.trial_number": "7"})
+    assert pending.startswith(PENDING)
+    # written before the child has made the run, under the pending id
+    tracking.EpochWriter(client, pending, params={"width": 16}).flush(final={"acc": 0.5})
+    tracking.log_artifacts(client, pending, {"a.txt": "hello"})
+    run_id = client.run_id(pending)
+    assert run_id and not run_id.startswith(PENDING)
+    assert client.get_run(pending).info.run_id == run_id  # reads take the pending id too
+    # a worker killed before recording the id: its RUNNING run is found by its tags
+    assert tracking.find_trial_run(client, "study", 7) == run_id
+    assert tracking.find_trial_run(client, "study", 8) is None
+    tracking.end_run(client, pending, "FINISHED")
+    client.flush()
+    run = MlflowClient().get_run(run_id)
+    assert run.info.run_name == "study-007" and run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.tags["pipeline.trial_number"] == "7"
+    assert run.data.params == {"width": "16"} and run.data.metrics == {"acc": 0.5}
+    assert [a.path for a in MlflowClient().list_artifacts(run_id)] == ["a.txt"]
+    assert tracking.find_trial_run(MlflowClient(), "study", 7) is None  # ended: not RUNNING
+
+
+def test_a_run_whose_creation_found_no_store_is_spooled_and_made_on_replay(store, tmp_path,
+                                                                            monkeypatch):
+    _, exp = store
+    monkeypatch.chdir(tmp_path)
+    gone = MlflowClient(tracking_uri=f"http://127.0.0.1:{free_port()}")
+    writer = spool.SpoolingClient(gone, retry_seconds=0)
+    pending = PENDING + "abc"
+    tags = {"pipeline.study": "s", "pipeline.kind": "trial", "pipeline.trial_number": "3"}
+    assert writer.create_run_or_spool(pending, exp, start_time=1000, tags=tags,
+                                      run_name="s-003") is None
+    writer.log_batch(pending, metrics=[Metric("val_acc", 0.9, 0, 5)])
+    writer.set_terminated(pending, "KILLED", 2000)
+    with pytest.raises(spool.TrackingLost):
+        writer.flush()
+    assert [r["method"] for r in spool.pending(pending)] == ["create_run", "log_batch",
+                                                            "set_terminated"]
+    n, run_id = spool.replay(MlflowClient(), pending)  # the store is back
+    assert n == 3 and run_id != pending and spool.spooled_runs() == []
+    run = MlflowClient().get_run(run_id)
+    assert (run.info.run_name, run.info.status, run.info.start_time) == ("s-003", "KILLED", 1000)
+    assert run.data.tags["pipeline.trial_number"] == "3" and run.data.metrics == {"val_acc": 0.9}
+
+
+def test_epochs_are_written_in_batches_and_all_of_them_by_flush(store):
+    client, exp = store
+    run_id = client.create_run(exp).info.run_id
+    records = [EpochRecord(e, 10 * e, {"val_acc": e / 10}) for e in (1, 2, 3)]
+    batched = tracking.EpochWriter(client, run_id, every=3600, params={"p": 1})
+    for r in records:
+        batched(r)
+    assert MlflowClient().get_run(run_id).data.metrics == {}  # not yet due
+    batched.flush(final={"test_acc": 0.7}, final_step=30)
+    history = MlflowClient().get_metric_history(run_id, "val_acc")
+    assert [(m.step, m.value) for m in history] == [(10, 0.1), (20, 0.2), (30, 0.3)]
+    assert MlflowClient().get_run(run_id).data.params == {"p": "1"}
+    other = client.create_run(exp).info.run_id
+    every_epoch = tracking.EpochWriter(client, other, every=0)
+    every_epoch(records[0])  # due at once: written without a flush
+    assert MlflowClient().get_run(other).data.metrics == {"val_acc": 0.1, "epoch": 1.0}

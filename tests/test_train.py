@@ -283,6 +283,18 @@ def test_epoch_metrics_are_named_and_sane(digits):
     assert metrics["lr"] == 0.05
 
 
+def test_train_accuracy_counts_every_training_example_once_per_epoch(digits):
+    # A rate too small to change any prediction: each epoch's training accuracy must then be
+    # the model's accuracy on the whole training split, the irregular last batch included.
+    batch_size = 97
+    assert len(digits.x_train) % batch_size not in (0, 1)
+    result = train(constant(lr=1e-12, epochs=2, batch_size=batch_size), digits)
+    loss, acc, _ = evaluate(result.model, digits.x_train, digits.y_train)
+    for record in result.history:
+        assert record.metrics["train_acc"] == acc
+        assert record.metrics["train_loss"] == pytest.approx(loss, rel=1e-5)
+
+
 def test_final_metrics(digits):
     result = train(constant(lr=0.1, epochs=2), digits)
     final = result.final_metrics()
