@@ -554,6 +554,21 @@ def _log_summary(client, run_id: str, plan: Plan, summary: dict) -> None:
                                                                         default=str)})
 
 
+RUN_END_WAIT = 120.0  # seconds
+
+
+def _run_ended(client, run_id: str) -> bool:
+    """Wait until a trial's run has ended. Its files are complete then: a trial's writes land
+    in order, after its Optuna state, and its run's end is the last of them, so a study closed
+    by another worker (scale-out) may find its best trial's files still on their way."""
+    deadline = time.monotonic() + RUN_END_WAIT
+    while client.get_run(run_id).info.status == "RUNNING":
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 def _log_best_model(client, run_id: str, plan: Plan, best: dict) -> None:
     """The best trial's model as an MLflow PyTorch model (with signature) on the study run."""
     import tempfile
@@ -571,6 +586,11 @@ def _log_best_model(client, run_id: str, plan: Plan, best: dict) -> None:
     if not study_run.is_trial_run(client, trial_run, plan.key, best["number"]):
         print(f"[{plan.key}] warning: best model not logged: run {trial_run} is not a trial run "
               "this pipeline wrote for this study, and only those are loaded", file=sys.stderr)
+        return
+    if not _run_ended(client, trial_run):
+        print(f"[{plan.key}] warning: best model not logged: run {trial_run} was still RUNNING "
+              f"after {RUN_END_WAIT:g} s (its worker's writes had not all landed)",
+              file=sys.stderr)
         return
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path = client.download_artifacts(trial_run, "config.json", tmp)
