@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
+import math
 
 import numpy as np
-import pandas as pd
 import torch
 
 from pipeline.data import Splits
@@ -18,10 +19,33 @@ PREDICTIONS = "test_predictions.npy"
 N_EXAMPLES = 25
 
 
-def history_frame(result: TrainResult) -> pd.DataFrame:
+# The two tables are written with the csv module: a trial writes them while the next one waits,
+# and building a DataFrame to print a few dozen rows cost 1 to 3 ms of a 100 ms digits trial.
+# Same text as pandas' to_csv (NaN as an empty field), read back with pandas.read_csv.
+
+
+def history_csv(result: TrainResult) -> str:
+    """One row per epoch: epoch, step, cycle_end and every metric (empty where absent)."""
     rows = [{"epoch": r.epoch, "step": r.step, "cycle_end": r.cycle_end, **r.metrics}
             for r in result.history]
-    return pd.DataFrame(rows)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    return _csv([columns] + [[_field(row.get(c)) for c in columns] for row in rows])
+
+
+def confusion_csv(cm: np.ndarray, classes) -> str:
+    """Rows: true class; columns: predicted class; both labelled with the class names."""
+    return _csv([["", *classes]] + [[name, *map(int, counts)]
+                                    for name, counts in zip(classes, cm)])
+
+
+def _field(value):
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def _csv(rows) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
 
 
 def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
@@ -70,10 +94,9 @@ def training_artifacts(result: TrainResult, splits: Splits, with_figures: bool =
     y_true, y_pred = splits.y_test.numpy(), result.test_pred.numpy()
     cm = confusion_counts(y_true, y_pred, splits.n_classes)
     files: dict[str, bytes | str] = {
-        "history.csv": history_frame(result).to_csv(index=False),
+        "history.csv": history_csv(result),
         "config.json": json.dumps(result.config.model_dump(), indent=2),
-        "confusion_matrix.csv": pd.DataFrame(cm, index=splits.classes, columns=splits.classes)
-                                  .to_csv(),
+        "confusion_matrix.csv": confusion_csv(cm, splits.classes),
         EXAMPLES: examples_npz(splits, y_pred),
         PREDICTIONS: npy(y_pred.astype(np.int16)),  # every test prediction, to compare runs
     }
