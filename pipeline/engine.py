@@ -97,7 +97,7 @@ def plan_study(opts) -> Plan:
     seed = cfg.sampler.seed if opts.seed is None else opts.seed
     parent_key = None
     if cfg.parent:
-        parent = load_study(cfg.parent, studies_dir or resolve_study_path(opts.study).parent)
+        parent = load_study(cfg.parent, Path(_studies_folder(opts)))
         parent_key = study_key(parent.name, parent.dataset, cfg.dataset, opts.smoke)
     source_key = plan_study(_source_opts(opts, cfg)).key if cfg.source else None
     return Plan(cfg, study_key(cfg.name, file_dataset, cfg.dataset, opts.smoke), n_trials, seed,
@@ -105,12 +105,17 @@ def plan_study(opts) -> Plan:
                 resolve_study_path(opts.study, studies_dir or STUDIES_DIR), source_key)
 
 
+def _studies_folder(opts) -> str:
+    """Where a study's parent and source files are: beside the study file (``--study PATH``),
+    else in ``studies/``."""
+    return opts.studies_dir or str(resolve_study_path(opts.study).parent)
+
+
 def _source_opts(opts, cfg: StudyConfig):
     """The options that run a transfer study's source: its own file, dataset, budget and seed;
     in smoke mode on digits, so that checking a transfer study needs no download."""
-    folder = opts.studies_dir or str(resolve_study_path(opts.study).parent)
     return replace(opts, study=cfg.source, dataset="digits" if opts.smoke else None,
-                   n_trials=None, seed=None, studies_dir=folder)
+                   n_trials=None, seed=None, studies_dir=_studies_folder(opts))
 
 
 def _resolve_source(plan: Plan, opts, client):
@@ -214,7 +219,8 @@ def _narrow_from_parent(plan: Plan, storage, opts) -> dict:
         if opts.smoke:  # a smoke check of a chain runs its parents in smoke mode first
             print(f"[{plan.key}] parent {plan.parent_key} has no completed trial: "
                   "running it in smoke mode first")
-            run_study(replace(opts, study=plan.cfg.parent, n_trials=None))
+            run_study(replace(opts, study=plan.cfg.parent, n_trials=None,
+                              studies_dir=_studies_folder(opts)))
         else:
             raise narrow.NarrowingError(_run_parent_first(plan))
     parent = optuna.load_study(study_name=plan.parent_key, storage=storage)
@@ -235,9 +241,13 @@ def _narrow_from_parent(plan: Plan, storage, opts) -> dict:
 
 
 def _run_parent_first(plan: Plan) -> str:
+    folder = plan.study_file.parent
+    parent = (plan.cfg.parent if folder.resolve() == STUDIES_DIR.resolve()
+              else str(folder / f"{plan.cfg.parent}.yaml"))
     return (f"parent study {plan.parent_key!r} has no completed trial in {plan.storage.url}. "
-            f"Run it first: python -m pipeline.search --study {plan.cfg.parent}"
-            + (f" --dataset {plan.cfg.dataset}" if plan.parent_key != plan.cfg.parent else ""))
+            f"Run it first: python -m pipeline.search --study {parent}"
+            + (f" --dataset {plan.cfg.dataset}"
+               if load_study(plan.cfg.parent, folder).dataset != plan.cfg.dataset else ""))
 
 
 def _completed(storage, key: str) -> bool:

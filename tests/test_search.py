@@ -160,6 +160,64 @@ def test_a_parent_whose_name_differs_from_its_file_name_still_narrows(tmp_path, 
     assert study_runs(client, "b")[0].info.status == "FINISHED"
 
 
+def _chain(folder):
+    """Three study files: alpha (its own space), then beta narrowed from alpha and gamma
+    narrowed from beta (neither names a space of its own: each searches its parent's, narrowed)."""
+    studies = folder / "studies"
+    studies.mkdir()
+    space = {"l2_lambda": {"type": "float", "low": 1e-5, "high": 1e-1, "log": True},
+             "width": {"type": "int", "low": 8, "high": 64, "log": True}}
+    narrow = {"top_k": 2, "margin": 0.1, "enqueue": 1}
+    for name, parent, n in (("alpha", None, 4), ("beta", "alpha", 3), ("gamma", "beta", 2)):
+        body = {"name": name, "sampler": {"name": "random", "seed": 0}, "fixed": TINY,
+                "n_trials": n, **({"parent": parent, "narrow": narrow} if parent
+                                  else {"space": space})}
+        write_study(studies, name, json.dumps(body))
+    return studies
+
+
+def _inside(inner: dict, outer: dict) -> bool:
+    return all(outer[k]["low"] <= inner[k]["low"] <= inner[k]["high"] <= outer[k]["high"]
+               for k in outer)
+
+
+def test_a_third_study_narrows_from_the_fine_one(tmp_path, empty_mlflow_db):
+    client = fresh_store(tmp_path, empty_mlflow_db)
+    studies = _chain(tmp_path)
+    early = run_search(tmp_path, "--study", str(studies / "gamma.yaml"))
+    assert early.code == 2  # and the hint names the parent's file, beside gamma's
+    assert f"Run it first: python -m pipeline.search --study {studies / 'beta.yaml'}\n" in early.err
+    for name in ("alpha", "beta", "gamma"):
+        result = run_search(tmp_path, "--study", str(studies / f"{name}.yaml"))
+        assert result.code == 0, result.err
+    alpha, beta, gamma = (load(tmp_path, k) for k in ("alpha", "beta", "gamma"))
+    assert gamma.user_attrs["narrowing"]["parent"] == "beta"
+    assert beta.user_attrs["narrowing"]["parent"] == "alpha"
+    assert _inside(gamma.user_attrs["space"], beta.user_attrs["space"])
+    assert _inside(beta.user_attrs["space"], alpha.user_attrs["space"])
+    # the trials gamma narrowed from are beta's best, and its first trial is the best of them
+    best = max((t for t in beta.trials if t.state == TrialState.COMPLETE),
+               key=lambda t: (t.value, -t.number))
+    assert gamma.user_attrs["narrowing"]["trials"][0] == best.number
+    assert gamma.trials[0].params == best.params
+    assert len(gamma.trials) == 2
+    (run,) = study_runs(client, "gamma")
+    assert run.data.tags["pipeline.parent_study"] == "beta"
+    assert run.info.status == "FINISHED"
+
+
+def test_smoke_mode_runs_a_chain_of_parents_first(tmp_path, empty_mlflow_db):
+    fresh_store(tmp_path, empty_mlflow_db)
+    studies = _chain(tmp_path)
+    result = run_search(tmp_path, "--study", str(studies / "gamma.yaml"), "--smoke")
+    assert result.code == 0, result.err
+    assert study_names(tmp_path) == ["alpha-smoke", "beta-smoke", "gamma-smoke"]
+    assert load(tmp_path, "gamma-smoke").user_attrs["narrowing"]["parent"] == "beta-smoke"
+    assert load(tmp_path, "beta-smoke").user_attrs["narrowing"]["parent"] == "alpha-smoke"
+    # gamma finds no parent and runs beta, which finds none and runs alpha
+    assert result.out.index("parent beta-smoke") < result.out.index("parent alpha-smoke")
+
+
 # -- resume ---------------------------------------------------------------------------------------
 
 
