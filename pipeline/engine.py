@@ -21,8 +21,9 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from pipeline import (checkpoint, interrupt, liveness, narrow, objective, space as space_mod,
-                      spool, stale, storage as storage_mod, study_run, tracking)
+from pipeline import (checkpoint, gc_policy, interrupt, liveness, narrow, objective,
+                      space as space_mod, spool, stale, storage as storage_mod, study_run,
+                      tracking)
 from pipeline import transfer, winner
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.data import DatasetNotFound, load_splits, splits_for
@@ -417,6 +418,7 @@ def _run_trials(ctx, study, plan: Plan, client: QueuedClient, quiet: bool) -> bo
     bar = tqdm(total=plan.n_trials, initial=min(done, plan.n_trials), desc=plan.key,
                unit="trial", disable=True if quiet else None, leave=False, dynamic_ncols=True)
     failures, trial = 0, None
+    gc_policy.resume_frozen()  # start-up is over (a process started by an entry point)
     try:
         while (trial := _next_trial(study, plan, client, deadline)) is not None:
             t0 = time.perf_counter()
@@ -469,6 +471,8 @@ EXIT_TRACKING_LOST = 4
 def _worker_process(opts, ctx) -> None:
     """Entry point of a worker process (spawned): its own storage and tracking connections."""
     import torch
+
+    gc_policy.pause()  # until its loop starts (gc_policy.py)
 
     # K workers share the machine's cores: without this each starts one thread per core.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // opts.workers))

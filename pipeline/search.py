@@ -119,4 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from pipeline import gc_policy
+
+    gc_policy.pause()  # until the worker loop starts (gc_policy.py)
     raise SystemExit(main())

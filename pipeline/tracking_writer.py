@@ -41,6 +41,7 @@ import time
 import uuid
 from pathlib import Path
 
+from pipeline import gc_policy
 from pipeline.tracking import TrackingUnavailable
 
 WRITES = ("log_batch", "log_artifacts", "set_tag", "set_terminated")
@@ -231,6 +232,7 @@ def _perform(client, method: str, args: tuple) -> str | None:
 def _serve(uri: str, ack_fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
     os.nice(NICENESS)
+    gc_policy.pause()  # importing MLflow and opening the store (gc_policy.py)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # we retry, and say so
     os.environ["MLFLOW_TRACKING_URI"] = uri
     from pipeline import spool, tracking
@@ -241,6 +243,7 @@ def _serve(uri: str, ack_fd: int) -> None:
     with contextlib.suppress(Exception):  # connect now; a store that is away shows up later
         with tracking.quick_requests():
             client.search_experiments(max_results=1)
+    gc_policy.resume_frozen()
     try:
         acks.write(json.dumps(READY).encode() + b"\n")
         acks.flush()
