@@ -2,14 +2,17 @@
 
 Importing them, and opening the stores, makes about a million long-lived objects and little
 garbage, yet every full collection walks all of them: 100 to 300 ms a pass here, several passes
-while a study starts and again among its first trials (measured: about 1.2 s of collection in
-a 10 s coarse study). So a process started to run a study pauses the collector at its entry
-point (`pause`), and when the worker loop starts (`resume_frozen`) it *freezes* what exists
-(`gc.freeze`: never walked again nor freed; it lives as long as the process anyway) and
-collects again: the trials' garbage is collected as usual.
+while a command starts (measured: 1.2-1.3 s of collection in a 12 s coarse study). So a command
+pauses the collector at its entry point (`pause`), and when its start-up is over
+(`resume_frozen`: the search's worker loop starts, the report is about to fork its figure
+workers) it *freezes* what exists (`gc.freeze`: never walked again nor freed; it lives as long
+as the process anyway) and collects again, so what comes later is collected as usual. This is
+the recipe of the `gc.freeze` documentation, which also keeps forked workers from copying pages
+that a collection would touch.
 
-Only entry points pause, never an import or a library call, so a process that calls
-`pipeline.search.main` (the tests do) keeps its collector as it was.
+Only entry points (`if __name__ == "__main__"`, a spawned worker's target) pause, never an
+import or a library call: a process that calls `pipeline.search.main` (the tests do) keeps its
+collector as it was.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ _paused = False  # by this module, in this process
 
 
 def pause() -> None:
-    """At a process's entry point: no collections until `resume_frozen`."""
+    """At a command's entry point: no collections until `resume_frozen`."""
     global _paused
     if gc.isenabled():
         gc.disable()

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline import gc_policy
+
 EXIT_BAD_INPUT = 2
 
 
@@ -100,6 +102,7 @@ def render_figures(data) -> dict[str, bytes]:
     global _rendering
     _rendering = data
     workers = min(len(STUDY_FIGURES), os.cpu_count() or 1)
+    gc_policy.resume_frozen()  # before forking: the workers inherit what is frozen
     try:
         if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
             ctx = multiprocessing.get_context("fork")
@@ -299,4 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from pipeline import gc_policy
+
+    gc_policy.pause()  # until the figures are drawn (gc_policy.py)
     raise SystemExit(main())

@@ -57,28 +57,58 @@ def test_a_study_run_in_process_leaves_the_callers_collector_as_it_was(tmp_path,
     assert gc.isenabled() and gc.get_freeze_count() == frozen
 
 
-def test_the_search_command_runs_its_trials_with_start_up_frozen(tmp_path):
-    """`python -m pipeline.search`: paused from the entry point to the worker loop."""
-    probe = (
-        "import gc, runpy, sys\n"
-        "from pipeline import engine\n"
-        "seen = []\n"
-        "run = engine.objective.run_trial\n"
-        "def spy(*a):\n"
-        "    seen.append((gc.isenabled(), gc.get_freeze_count()))\n"
-        "    return run(*a)\n"
-        "engine.objective.run_trial = spy\n"
-        "sys.argv = ['pipeline.search'] + sys.argv[1:]\n"
-        "try:\n"
-        "    runpy.run_module('pipeline.search', run_name='__main__')\n"
-        "finally:\n"
-        "    print('SEEN', seen[0][0], seen[0][1] > 100_000, len(seen))\n")
-    write_study(tmp_path, "tiny", json.dumps({
-        "name": "tiny", "sampler": {"name": "random", "seed": 0}, "n_trials": 2,
+TINY = {"name": "tiny", "sampler": {"name": "random", "seed": 0}, "n_trials": 2,
         "fixed": {"schedule": "constant", "epochs": 1, "batch_size": 64},
-        "space": {"width": {"type": "int", "low": 8, "high": 16}}}))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
-    out = subprocess.run([sys.executable, "-c", probe, "--study", str(tmp_path / "tiny.yaml"),
-                          "--quiet"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert "SEEN True True 2" in out.stdout, out.stdout + out.stderr
+        "space": {"width": {"type": "int", "low": 8, "high": 16}}}
+
+# Runs an entry point as `python -m` does, with a spy on one function that records the
+# collector's state when it is called: (enabled, more than 100,000 objects frozen).
+PROBE = """
+import gc, importlib, runpy, sys
+module, name, entry = sys.argv[1:4]
+target = importlib.import_module(module)
+seen, real = [], getattr(target, name)
+def spy(*a, **k):
+    seen.append((gc.isenabled(), gc.get_freeze_count() > 100_000))
+    return real(*a, **k)
+setattr(target, name, spy)
+sys.argv = [entry] + sys.argv[4:]
+try:
+    runpy.run_module(entry, run_name="__main__", alter_sys=True)
+finally:
+    print("SEEN", seen)
+"""
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+    """`python -m pipeline.search` on a tiny study, then `python -m pipeline.report` on it."""
+    folder = tmp_path_factory.mktemp("gc")
+    write_study(folder, "tiny", json.dumps(TINY))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder}/mlflow.db"}
+
+    def probe(*argv):
+        return subprocess.run([sys.executable, "-c", PROBE, *argv], cwd=folder, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    search = probe("pipeline.objective", "run_trial", "pipeline.search",
+                   "--study", str(folder / "tiny.yaml"), "--quiet")
+    report = probe("os", "fork", "pipeline.report", "--study", "tiny")  # figure workers
+    return folder, search, report
+
+
+def test_the_search_command_runs_its_trials_with_start_up_frozen(cli_runs):
+    """From the entry point to the worker loop the collector is paused; the trials run with
+    it collecting again and start-up's objects frozen."""
+    _, search, _ = cli_runs
+    assert search.returncode == 0, search.stderr
+    assert "SEEN [(True, True), (True, True)]" in search.stdout, search.stdout + search.stderr
+
+
+def test_the_report_command_forks_its_figure_workers_with_start_up_frozen(cli_runs):
+    folder, _, report = cli_runs
+    assert report.returncode == 0, report.stderr
+    seen = report.stdout.split("SEEN ")[-1].strip()
+    assert seen.startswith("[(True, True)") and "False" not in seen, report.stdout + report.stderr
+    pngs = {p.name for p in (folder / "reports" / "tiny").glob("*.png")}
+    assert {"history.png", "top_curves.png", "confusion.png", "importance.png"} <= pngs
