@@ -130,4 +130,7 @@ def _start_final_run(client, key: str, best) -> str:
 
 
 if __name__ == "__main__":
+    from pipeline import gc_policy
+
+    gc_policy.pause()  # until training starts (gc_policy.py)
     raise SystemExit(main())

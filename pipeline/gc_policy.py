@@ -3,12 +3,12 @@
 Importing them, and opening the stores, makes about a million long-lived objects and little
 garbage, yet every full collection walks all of them: 100 to 300 ms a pass here, several passes
 while a command starts (measured: 1.2-1.3 s of collection in a 12 s coarse study). So a command
-pauses the collector at its entry point (`pause`), and when its start-up is over
-(`resume_frozen`: the search's worker loop starts, the report is about to fork its figure
-workers) it *freezes* what exists (`gc.freeze`: never walked again nor freed; it lives as long
-as the process anyway) and collects again, so what comes later is collected as usual. This is
-the recipe of the `gc.freeze` documentation, which also keeps forked workers from copying pages
-that a collection would touch.
+pauses the collector at its entry point (`pause`). When its start-up is over (`resume_frozen`:
+the search's worker loop starts, `pipeline.train` and `pipeline.final` start training, the
+report is about to fork its figure workers) it *freezes* what exists (`gc.freeze`: never walked
+again nor freed; it lives as long as the process anyway) and collects again, so what comes later
+is collected as usual. This is the recipe of the `gc.freeze` documentation, which also keeps
+forked workers from copying pages that a collection would touch.
 
 Only entry points (`if __name__ == "__main__"`, a spawned worker's target) pause, never an
 import or a library call: a process that calls `pipeline.search.main` (the tests do) keeps its

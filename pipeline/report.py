@@ -302,7 +302,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline import gc_policy
-
     gc_policy.pause()  # until the figures are drawn (gc_policy.py)
     raise SystemExit(main())

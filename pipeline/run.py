@@ -114,9 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def train_and_log(client, run_id: str, cfg: TrainConfig, splits):
     """Train with the epochs logged as they end (in batches), then log the final metrics and the
     artifacts (figures included) and end the run: FINISHED, FAILED (an error) or KILLED (Ctrl-C)."""
-    from pipeline import artifacts, tracking
+    from pipeline import artifacts, gc_policy, tracking
     from pipeline.train import train
 
+    gc_policy.resume_frozen()  # start-up is over (a process started by an entry point)
     status = "FAILED"
     epochs = tracking.EpochWriter(client, run_id)  # epochs in batches, every few seconds
     try:

@@ -310,6 +310,8 @@ def _train(cfg, splits, device, on_epoch) -> TrainResult:
 
 
 if __name__ == "__main__":
+    from pipeline import gc_policy
     from pipeline.run import main
 
+    gc_policy.pause()  # until training starts (gc_policy.py)
     raise SystemExit(main())

@@ -82,7 +82,8 @@ finally:
 
 @pytest.fixture(scope="module")
 def cli_runs(tmp_path_factory):
-    """`python -m pipeline.search` on a tiny study, then `python -m pipeline.report` on it."""
+    """`python -m pipeline.search` on a tiny study, `python -m pipeline.report` on it, and one
+    `python -m pipeline.train` run."""
     folder = tmp_path_factory.mktemp("gc")
     write_study(folder, "tiny", json.dumps(TINY))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder}/mlflow.db"}
@@ -94,21 +95,29 @@ def cli_runs(tmp_path_factory):
     search = probe("pipeline.objective", "run_trial", "pipeline.search",
                    "--study", str(folder / "tiny.yaml"), "--quiet")
     report = probe("os", "fork", "pipeline.report", "--study", "tiny")  # figure workers
-    return folder, search, report
+    train = probe("pipeline.train", "train", "pipeline.train", "--depth", "1", "--width", "8",
+                  "--cycles", "1")
+    return folder, search, report, train
 
 
 def test_the_search_command_runs_its_trials_with_start_up_frozen(cli_runs):
     """From the entry point to the worker loop the collector is paused; the trials run with
     it collecting again and start-up's objects frozen."""
-    _, search, _ = cli_runs
+    _, search, _, _ = cli_runs
     assert search.returncode == 0, search.stderr
     assert "SEEN [(True, True), (True, True)]" in search.stdout, search.stdout + search.stderr
 
 
 def test_the_report_command_forks_its_figure_workers_with_start_up_frozen(cli_runs):
-    folder, _, report = cli_runs
+    folder, _, report, _ = cli_runs
     assert report.returncode == 0, report.stderr
     seen = report.stdout.split("SEEN ")[-1].strip()
     assert seen.startswith("[(True, True)") and "False" not in seen, report.stdout + report.stderr
     pngs = {p.name for p in (folder / "reports" / "tiny").glob("*.png")}
     assert {"history.png", "top_curves.png", "confusion.png", "importance.png"} <= pngs
+
+
+def test_the_train_command_trains_with_start_up_frozen(cli_runs):
+    *_, train = cli_runs
+    assert train.returncode == 0, train.stderr
+    assert "SEEN [(True, True)]" in train.stdout, train.stdout + train.stderr
