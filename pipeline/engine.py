@@ -40,8 +40,6 @@ EXIT_FAILED = 1
 SMOKE_TRIALS = 3
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-
 
 @dataclass(frozen=True)
 class Plan:
@@ -141,6 +139,7 @@ def _resolve_source(plan: Plan, opts, client):
 def run_study(opts) -> int:
     """Check, create or resume, run, summarise. Returns the exit code."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own line per trial instead
     plan = plan_study(opts)
     if (plan.parent_key and not opts.smoke and plan.storage.path
             and not Path(plan.storage.path).exists()):
@@ -473,6 +472,7 @@ def _worker_process(opts, ctx) -> None:
     import torch
 
     gc_policy.pause()  # until its loop starts (gc_policy.py)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     # K workers share the machine's cores: without this each starts one thread per core.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // opts.workers))

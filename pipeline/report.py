@@ -59,12 +59,16 @@ def _importances(data) -> dict[str, float]:
                 params=params, distributions=dists, value=float(row.objective)))
     if len(trials) < 3 or not dists:
         return {}
-    study = optuna.create_study(direction=data.direction)
-    study.add_trials(trials)
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory"
     try:
+        study = optuna.create_study(direction=data.direction)
+        study.add_trials(trials)
         return optuna.importance.get_param_importances(study)
     except (RuntimeError, ValueError):  # e.g. no variation in any parameter
         return {}
+    finally:
+        optuna.logging.set_verbosity(verbosity)
 
 
 def baseline_row(examples: dict) -> dict:
