@@ -42,7 +42,6 @@ import uuid
 from pathlib import Path
 
 from pipeline import gc_policy
-from pipeline.tracking import TrackingUnavailable
 
 WRITES = ("log_batch", "log_artifacts", "set_tag", "set_terminated")
 PENDING = "pending-"  # prefix of the ids create_run_later hands out
@@ -158,6 +157,10 @@ class QueuedClient:
         self._raise(errors)
 
     def _raise(self, errors: list[str]) -> None:
+        # imported here: the child imports MLflow (through pipeline.tracking) only once it has
+        # paused the collector (_serve)
+        from pipeline.tracking import TrackingUnavailable
+
         if errors:
             raise TrackingUnavailable(
                 f"MLflow writes to {self.tracking_uri!r} failed: " + "; ".join(errors)
