@@ -22,7 +22,6 @@ from pipeline.study import StudyConfig
 from pipeline.train import EpochRecord, train
 
 
-
 @dataclass(frozen=True)
 class TrialContext:
     """What every trial of one study execution shares."""

@@ -125,8 +125,9 @@ class JournalFile(JournalFileBackend):
     file-system metadata writes), then ``open``, ``write``, ``fsync`` and ``close``. Here an
     append is one ``write`` to a descriptor kept open in ``O_APPEND`` mode, under an ``flock``
     on it (a lock the kernel holds in memory): 0.04 ms instead of 0.13 ms an append in the coarse
-    study (its 485 appends: 19 ms instead of 64 ms), and no wait for the disk (6 to 11 ms a trial on a quiet machine, over 100 ms
-    when other processes write). See benchmarks/README.md.
+    study (its 485 appends: 19 ms instead of 64 ms), and no wait for the disk (the fsync cost 6
+    to 11 ms a trial on a quiet machine, over 100 ms when other processes write). See
+    benchmarks/README.md.
 
     - Several processes: every writer in this project appends through this class, so the flock
       serialises them, also on NFSv4 (where Linux maps ``flock`` to a byte-range lock). A writer
