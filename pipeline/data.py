@@ -200,7 +200,6 @@ def splits_for(cfg: TrainConfig) -> Splits:
                        cfg.n_per_class, cfg.resize, cfg.train_on == "train+val")
 
 
-@functools.lru_cache(maxsize=4)
 def load_splits(name: str = "digits", data_dir: str | None = None, data_seed: int = 0,
                 val_fraction: float = 0.2, n_per_class: int | None = None,
                 resize: int | None = None, merge_val: bool = False) -> Splits:
@@ -210,6 +209,15 @@ def load_splits(name: str = "digits", data_dir: str | None = None, data_seed: in
     split is empty (a final run on train + validation). The test split never moves.
     The returned tensors are shared between callers: treat them as read-only.
     """
+    # One cache key whatever the call's form (positional, keywords, defaults left out): the
+    # study's dataset check and its first trial's splits_for load the dataset once, not twice.
+    return _cached_splits(name, data_dir, data_seed, val_fraction, n_per_class, resize,
+                          merge_val)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_splits(name, data_dir, data_seed, val_fraction, n_per_class, resize,
+                   merge_val) -> Splits:
     if name not in _LOADERS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(_LOADERS)}")
     x, y, x_test, y_test, classes = _LOADERS[name](name, data_dir)
@@ -236,3 +244,6 @@ def load_splits(name: str = "digits", data_dir: str | None = None, data_seed: in
         x_test=norm(x_test), y_test=y_test.contiguous(),
         classes=classes, mean=mean, std=std,
     )
+
+
+load_splits.cache_clear = _cached_splits.cache_clear  # for tests that change what is on disk

@@ -303,3 +303,15 @@ def test_missing_dataset_does_not_create_a_missing_data_dir(tmp_path, fresh_spli
     with pytest.raises(DatasetNotFound, match="not-there"):
         fresh_splits_cache("mnist", data_dir=str(data_dir))
     assert not data_dir.exists()
+
+
+def test_one_cached_load_whatever_the_form_of_the_call(fresh_splits_cache):
+    """The study's dataset check (positional, defaults partly left out) and its trials
+    (splits_for, every argument) share one load."""
+    from pipeline.config import TrainConfig
+    from pipeline.data import splits_for
+
+    first = fresh_splits_cache("digits", None, 0, 0.2, None)
+    assert splits_for(TrainConfig(dataset="digits")) is first
+    assert fresh_splits_cache("digits") is first
+    assert fresh_splits_cache(name="digits", merge_val=False, resize=None) is first
