@@ -2,7 +2,8 @@
 
     python benchmarks/compare_search.py                                   # about 20-30 minutes
     python benchmarks/compare_search.py --datasets digits --seeds 0,1,2,3,4
-    python benchmarks/compare_search.py --datasets fashion-mnist --n-per-class 300 --fashion-trials 16,8
+    python benchmarks/compare_search.py --datasets fashion-mnist --n-per-class 300 \
+        --fashion-trials 16,8
 
 Methods, each over the coarse study's space (``studies/coarse.yaml``) and seeded with ``--seed``:
 
@@ -76,8 +77,8 @@ def run(path: Path, storage: str, seed: int, n_trials: int | None, log: Path) ->
     """Run (or top up) one study in this process; its finished trials in order."""
     import optuna
 
-    from pipeline.engine import run_study
-    from pipeline.search import SearchOptions
+    from pipeline.search.cli import SearchOptions
+    from pipeline.search.engine import run_study
 
     opts = SearchOptions(study=str(path), n_trials=n_trials, seed=seed, storage=storage,
                          quiet=True)

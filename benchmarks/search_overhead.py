@@ -6,7 +6,7 @@
     python benchmarks/search_overhead.py --tmp-root /dev/shm  # stores on tmpfs: fsync is free
     python benchmarks/search_overhead.py --journal-fsync off --sqlite-sync wal   # proposals
 
-Everything runs in one process through ``pipeline.engine.run_study`` in a temporary folder
+Everything runs in one process through ``pipeline.search.engine.run_study`` in a temporary folder
 (working directory, ``optuna.journal``, MLflow SQLite store); the trial lines go to a log file
 there.
 
@@ -149,12 +149,14 @@ class CallTimer:
 def instrument() -> CallTimer:
     import optuna
 
-    from pipeline import artifacts, engine, objective, space, tracking
-    from pipeline.study import StudyConfig
+    from pipeline.search import engine, objective, space, worker
+    from pipeline.search.studyfile import StudyConfig
+    from pipeline.tracking import client as tracking
+    from pipeline.training import artifacts
 
     timer = CallTimer()
     timer.reset_on_entry(engine, "run_worker")
-    timer.wrap(engine, "claim_trial", "claim (lock, count trials)")
+    timer.wrap(worker, "claim_trial", "claim (lock, count trials)")
     timer.wrap(optuna.study.Study, "ask", "study.ask (relative sampling)")
     timer.wrap(space, "suggest", "space.suggest (suggest_*)")
     timer.wrap(StudyConfig, "train_config", "train_config (pydantic)")
@@ -203,9 +205,9 @@ def run(study: str, n_trials: int | None, tmp: Path, profile: bool = False) -> d
     """One study in this process, instrumented; returns per-trial rows and breakdown buckets."""
     import optuna
 
-    from pipeline.engine import run_study
-    from pipeline.search import SearchOptions
-    from pipeline.study import resolve_study_path
+    from pipeline.search.cli import SearchOptions
+    from pipeline.search.engine import run_study
+    from pipeline.search.studyfile import resolve_study_path
 
     opts = SearchOptions(study=study, n_trials=n_trials, quiet=True)
     timer = instrument()

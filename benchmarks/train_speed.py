@@ -105,9 +105,9 @@ def plain_loop(splits, epochs: int, seed: int) -> dict:
 
 def pipeline_run(splits, epochs: int, seed: int, client, experiment_id: str) -> dict:
     """The pipeline's trainer with per-epoch MLflow logging, as a trial would run it."""
-    from pipeline import tracking
     from pipeline.config import TrainConfig
-    from pipeline.train import train
+    from pipeline.tracking import client as tracking
+    from pipeline.training.trainer import train
 
     cfg = TrainConfig(dataset=splits.name, arch="mlp", depth=DEPTH, width=WIDTH,
                       batch_size=BATCH, schedule="constant", lr=LR, epochs=epochs,
@@ -159,9 +159,9 @@ def main(argv=None) -> int:
                         "(default: 3600)")
     args = parser.parse_args(argv)
 
-    from pipeline import tracking
-    from pipeline.data import load_splits
-    from pipeline.tracking_writer import QueuedClient
+    from pipeline.tracking import client as tracking
+    from pipeline.tracking.writer import QueuedClient
+    from pipeline.training.data import load_splits
 
     print(_bench.code_state())
     rss_start = rss_bytes()

@@ -11,6 +11,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10")
+"""Every dataset by name; ``digits`` ships inside scikit-learn and needs no download."""
+Dataset = Literal[DATASETS]
+
+
+def planned_epochs(schedule: str, epochs: float, step_size_epochs: float, cycles: float) -> float:
+    """Passes over the training split a run makes: ``epochs`` for a constant rate; for a
+    cyclical one, ``cycles`` cycles of two half-cycles of ``step_size_epochs`` each."""
+    return epochs if schedule == "constant" else 2 * step_size_epochs * cycles
 
 
 class ConfigError(ValueError):
@@ -23,8 +31,8 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     # -- data ---------------------------------------------------------------------------------
-    dataset: Literal["digits", "fashion-mnist", "mnist", "cifar10"] = "digits"
-    """Dataset name; `digits` ships inside scikit-learn and needs no download."""
+    dataset: Dataset = "digits"
+    """Dataset name (DATASETS); `digits` ships inside scikit-learn and needs no download."""
     data_dir: str | None = None
     """Folder holding downloaded datasets (torchvision layout); None: the usual places."""
     data_seed: int = 0
@@ -113,9 +121,7 @@ class TrainConfig(BaseModel):
     @property
     def n_epochs(self) -> int:
         """Passes over the training split this configuration makes."""
-        if self.schedule == "cyclical":
-            return 2 * self.step_size_epochs * self.cycles
-        return self.epochs
+        return int(planned_epochs(self.schedule, self.epochs, self.step_size_epochs, self.cycles))
 
 
 def cross_field_problems(values: dict) -> list[str]:

@@ -26,9 +26,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-EXIT_BAD_INPUT = 2
+from pipeline import names
+from pipeline.cli import EXIT_BAD_INPUT
+
 MIRROR = {"COMPLETE": {"FINISHED"}, "PRUNED": {"KILLED"}, "FAIL": {"FAILED", "KILLED"}}
-ORPHAN_TAG = "pipeline.orphan"
 
 
 @dataclass
@@ -54,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import optuna
 
-    from pipeline import spool, storage as storage_mod, tracking
+    from pipeline.search import storage as storage_mod
+    from pipeline.tracking import client as tracking, spool
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -116,12 +118,13 @@ def examine(study, spec, client, folder: Path) -> list[Finding]:
     """Every finding, each with the repair that is safe for it (if any)."""
     from optuna.trial import TrialState
 
-    from pipeline import liveness, spool, stale, tracking
-    from pipeline.tracking_writer import PENDING
+    from pipeline.search import liveness, stale
+    from pipeline.tracking import client as tracking, spool
+    from pipeline.tracking.writer import PENDING
 
     trials = study.get_trials(deepcopy=False)
     runs = tracking.study_runs(client, study.study_name)
-    trial_runs = {r.info.run_id: r for r in runs if r.data.tags.get("pipeline.kind") == "trial"}
+    trial_runs = {r.info.run_id: r for r in runs if r.data.tags.get(names.KIND) == names.KIND_TRIAL}
     waiting = set(spool.spooled_runs(folder))
     out: list[Finding] = []
 
@@ -129,7 +132,7 @@ def examine(study, spec, client, folder: Path) -> list[Finding]:
     fail_stale = _fail_stale(study, spec, client)  # one repair for all of them
     # A trial whose worker died before recording its run's id (the run is made off the
     # trial's path) is matched to its run by the run's trial_number tag.
-    by_number = {r.data.tags.get("pipeline.trial_number"): run_id
+    by_number = {r.data.tags.get(names.TRIAL_NUMBER): run_id
                  for run_id, r in trial_runs.items()}
     owned: dict[str, int] = {}
     for t in trials:
@@ -180,11 +183,11 @@ def examine(study, spec, client, folder: Path) -> list[Finding]:
     for run_id, run in trial_runs.items():
         if run_id in owned:
             continue
-        number = run.data.tags.get("pipeline.trial_number")
+        number = run.data.tags.get(names.TRIAL_NUMBER)
         twin = next((r for r, n in owned.items() if str(n) == number), None)
         detail = (f"a second run for trial {number} (the trial's run is {twin[:12]})" if twin
                   else f"no trial points at it (trial_number tag {number})")
-        if run.data.tags.get(ORPHAN_TAG):
+        if run.data.tags.get(names.ORPHAN):
             out.append(Finding("run without trial", detail + "; marked orphan",
                                run=run_id, problem=False))
         else:
@@ -195,7 +198,7 @@ def examine(study, spec, client, folder: Path) -> list[Finding]:
                       and t.number not in stale_numbers]
     for run in runs:
         run_id = run.info.run_id
-        if run.data.tags.get("pipeline.kind") != "study":
+        if run.data.tags.get(names.KIND) != names.KIND_STUDY:
             continue
         if run_id in waiting:
             out.append(Finding("spooled", f"writes of the study run are waiting in {folder}",
@@ -214,8 +217,8 @@ def examine(study, spec, client, folder: Path) -> list[Finding]:
     for pending_id in sorted(w for w in waiting if w.startswith(PENDING)):
         first = (spool.pending(pending_id, folder) or [{}])[0]
         tags = first.get("tags") or {} if first.get("method") == "create_run" else {}
-        if tags.get("pipeline.study") == study.study_name:
-            out.append(Finding("spooled", f"the run of trial {tags.get('pipeline.trial_number')} "
+        if tags.get(names.STUDY) == study.study_name:
+            out.append(Finding("spooled", f"the run of trial {tags.get(names.TRIAL_NUMBER)} "
                                f"was never made (the store was away); its creation and writes "
                                f"are waiting in {folder}", run=pending_id,
                                fix=_replay(client, pending_id, folder)))
@@ -243,7 +246,7 @@ def _get_run(client, run_id: str):
 
 def _fail_stale(study, spec, client) -> Callable[[], str]:
     def fix() -> str:
-        from pipeline import stale
+        from pipeline.search import stale
 
         failed = [t.number for t in stale.fail_stale(study, spec, client)]
         return (f"marked stale trial(s) {failed} failed, requeued each once with the same "
@@ -253,7 +256,7 @@ def _fail_stale(study, spec, client) -> Callable[[], str]:
 
 def _replay(client, run_id: str, folder: Path) -> Callable[[], str]:
     def fix() -> str:
-        from pipeline import spool
+        from pipeline.tracking import spool
 
         n, made = spool.replay(client, run_id, folder)
         what = f"run {run_id}" if made == run_id else f"run {made} (its creation was spooled)"
@@ -263,7 +266,7 @@ def _replay(client, run_id: str, folder: Path) -> Callable[[], str]:
 
 def _terminate(client, run_id: str, status: str) -> Callable[[], str]:
     def fix() -> str:
-        from pipeline import tracking
+        from pipeline.tracking import client as tracking
 
         tracking.end_run(client, run_id, status)
         return f"ended run {run_id} as {status}"
@@ -272,20 +275,21 @@ def _terminate(client, run_id: str, status: str) -> Callable[[], str]:
 
 def _mark_orphan(client, run, why: str) -> Callable[[], str]:
     def fix() -> str:
-        from pipeline import tracking
+        from pipeline.tracking import client as tracking
 
         run_id = run.info.run_id
-        tracking.set_tags(client, run_id, {ORPHAN_TAG: why})
+        tracking.set_tags(client, run_id, {names.ORPHAN: why})
         if client.get_run(run_id).info.status == "RUNNING":
             tracking.end_run(client, run_id, "KILLED")
-            return f"ended run {run_id} KILLED and tagged it {ORPHAN_TAG}: {why}"
-        return f"tagged run {run_id} {ORPHAN_TAG}: {why}"
+            return f"ended run {run_id} KILLED and tagged it {names.ORPHAN}: {why}"
+        return f"tagged run {run_id} {names.ORPHAN}: {why}"
     return fix
 
 
 def _close_study_run(client, spec, study, run_id: str) -> Callable[[], str]:
     def fix() -> str:
-        from pipeline import study_run, tracking
+        from pipeline.search import study_run
+        from pipeline.tracking import client as tracking
 
         # Recorded as closed, so that the next launch opens a new study run instead of
         # joining this one.

@@ -28,7 +28,8 @@ def learning_curves(history: Sequence[dict], title: str = "") -> Figure:
     for ax, (key, label) in zip(axes, CURVE_PANELS):
         for split, style in (("train", "-o"), ("val", "-s")):
             ys = [h.get(f"{split}_{key}", np.nan) for h in history]
-            ax.plot(steps, ys, style, markersize=3, label="train" if split == "train" else "validation")
+            ax.plot(steps, ys, style, markersize=3,
+                    label="train" if split == "train" else "validation")
         ax.set(xlabel="update step", ylabel=label, title=label)
         ax.grid(alpha=0.3)
         ax.legend()

@@ -5,11 +5,11 @@
     python -m pipeline.final --study coarse --smoke          # the winner of coarse's smoke study
 
 The winner is the study's best trial, chosen on validation when the study ran (read from MLflow,
-pipeline.winner). Its exact configuration (seed included) is trained again on the training and
-validation splits together, for ``length-factor`` times as long: cycles x N for a cyclical
-schedule (so it still ends a cycle, at the lowest rate), epochs x N for a constant one. Nothing
-is held out for selection any more, so the model kept is the last epoch's; the test split,
-untouched by the search, is evaluated exactly once, at the end.
+pipeline.search.winner). Its exact configuration (seed included) is trained again on the
+training and validation splits together, for ``length-factor`` times as long: cycles x N for a
+cyclical schedule (so it still ends a cycle, at the lowest rate), epochs x N for a constant one.
+Nothing is held out for selection any more, so the model kept is the last epoch's; the test
+split, untouched by the search, is evaluated exactly once, at the end.
 
 The run is a child of the study's run, named ``<study>-final`` and tagged
 ``pipeline.kind=final``; it logs the configuration, per-epoch training metrics, ``test_acc``,
@@ -25,9 +25,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipeline import names
+from pipeline.cli import EXIT_BAD_INPUT, positive, str_or_none
 from pipeline.config import ConfigError, TrainConfig, make_train_config
 
-EXIT_BAD_INPUT = 2
 LENGTH_FACTOR = 2  # a search keeps trials short to afford many; one final run can train longer
 
 
@@ -42,20 +43,13 @@ def final_config(trial_config: dict, length_factor: int) -> TrainConfig:
     return make_train_config(values, "the winner's configuration")
 
 
-def _whole(text: str) -> int:
-    value = float(text)  # MLproject passes numbers as floats ("2.0")
-    if not value.is_integer() or value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return int(value)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline.final", description=__doc__.split("\n")[0])
     p.add_argument("--study", required=True, help="study name under studies/, or a YAML path")
-    p.add_argument("--dataset", type=lambda t: t.strip() or None, default=None,
+    p.add_argument("--dataset", type=str_or_none, default=None,
                    help="the dataset the study ran on, when it was given with --dataset")
     p.add_argument("--smoke", action="store_true", help="the study's smoke run (-smoke)")
-    p.add_argument("--length-factor", type=_whole, default=LENGTH_FACTOR,
+    p.add_argument("--length-factor", type=positive, default=LENGTH_FACTOR,
                    help=f"train N times as long as the trial did (default {LENGTH_FACTOR})")
     return p
 
@@ -63,10 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Imports that cost seconds wait until the arguments are known to be sound.
-    from pipeline import tracking, winner
-    from pipeline.data import DatasetNotFound, splits_for
-    from pipeline.engine import study_key
-    from pipeline.study import load_study
+    from pipeline.search import winner
+    from pipeline.search.plan import study_key
+    from pipeline.search.studyfile import load_study
+    from pipeline.tracking import client as tracking
+    from pipeline.training.data import DatasetNotFound, splits_for
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
@@ -98,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tracking.log_metrics(client, run_id, {"n_train": len(splits.y_train),
                                           "n_test": len(splits.y_test),
                                           "trial_best_val_acc": best.best_val_acc})
-    from pipeline.run import train_and_log
+    from pipeline.tracking.training_run import train_and_log
 
     result = train_and_log(client, run_id, cfg, splits)
     if result.diverged:  # no selection can rescue it: there is no validation to fall back on
@@ -116,14 +111,14 @@ def _start_final_run(client, key: str, best) -> str:
     the run it made (pointed at the study run the same way)."""
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    from pipeline import tracking
+    from pipeline.tracking import client as tracking
 
     experiment_id = (os.environ.get("MLFLOW_EXPERIMENT_ID")
                      or client.get_run(best.study_run_id).info.experiment_id)
-    tags = {"pipeline.kind": "final", "pipeline.study": key,
-            "pipeline.final_trial_number": str(best.trial_number),
-            "pipeline.final_trial_run": best.trial_run_id,
-            "pipeline.dataset": best.config.get("dataset", ""),
+    tags = {names.KIND: names.KIND_FINAL, names.STUDY: key,
+            names.FINAL_TRIAL_NUMBER: str(best.trial_number),
+            names.FINAL_TRIAL_RUN: best.trial_run_id,
+            names.DATASET: best.config.get("dataset", ""),
             MLFLOW_PARENT_RUN_ID: best.study_run_id}
     return tracking.start_run(client, experiment_id, f"{key}-final", tags=tags,
                               adopt_env_run=True)

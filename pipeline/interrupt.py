@@ -4,7 +4,7 @@ Python turns SIGINT into ``KeyboardInterrupt``, but SIGTERM (what `kill`, system
 container runtimes send) kills the process at once by default, leaving the trial RUNNING and its
 run open. While ``stop_on_signals()`` is active, SIGTERM raises ``Terminated`` instead; both are
 ``BaseException``s, so the ``except Exception`` that records a failing trial does not swallow
-them, and the code that unwinds (objective.run_trial, engine.run_worker) marks the trial and run.
+them, and the code that unwinds (objective.run_trial, worker.run_worker) marks the trial and run.
 
 The first signal restores the previous handlers: a second Ctrl-C or SIGTERM during the clean-up
 forces the exit, as users expect. Exit codes follow the shell's 128 + signal number: 130 for

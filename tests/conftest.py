@@ -22,14 +22,14 @@ def offline_and_isolated(tmp_path_factory):
     """Session-wide (so module-scoped fixtures see it too): no downloads, no ~/.cache, no
     inherited MLflow run (the suite itself may run under `mlflow run`), and no dependence on the
     Debian Fashion-MNIST package that this machine happens to have and CI may not."""
-    import pipeline.data
+    import pipeline.training.data
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PIPELINE_NO_DOWNLOAD", "1")
         mp.setenv("PIPELINE_DATA_CACHE", str(tmp_path_factory.mktemp("data-cache")))
         for var in MLFLOW_ENV:
             mp.delenv(var, raising=False)
-        mp.setattr(pipeline.data, "DEBIAN_FASHION_MNIST",
+        mp.setattr(pipeline.training.data, "DEBIAN_FASHION_MNIST",
                    tmp_path_factory.mktemp("no-debian-package") / "fashion-mnist")
         yield
 
@@ -37,7 +37,7 @@ def offline_and_isolated(tmp_path_factory):
 @pytest.fixture(scope="session")
 def digits():
     """The digits splits every trainer test shares (read-only, like load_splits' own cache)."""
-    from pipeline.data import load_splits
+    from pipeline.training.data import load_splits
 
     return load_splits("digits")
 
@@ -45,7 +45,7 @@ def digits():
 @pytest.fixture
 def fresh_splits_cache():
     """load_splits is lru_cache'd per process: tests that change what is on disk start clean."""
-    from pipeline.data import load_splits
+    from pipeline.training.data import load_splits
 
     load_splits.cache_clear()
     yield load_splits

@@ -179,7 +179,7 @@ def experiment_id(client: MlflowClient, folder: Path) -> str:
 
 def narrowing_for(parent: list[SynTrial], top_k: int = 3) -> dict:
     """The narrowing record the engine would compute from ``parent`` (and log as narrowing.json)."""
-    from pipeline.narrow import narrow_space
+    from pipeline.search.narrow import narrow_space
 
     done = [{"number": t.number, "value": t.value, "params": t.params}
             for t in parent if t.state == "complete"]
@@ -188,7 +188,7 @@ def narrowing_for(parent: list[SynTrial], top_k: int = 3) -> dict:
 
 
 def digits_test_labels() -> np.ndarray:
-    from pipeline.data import load_splits
+    from pipeline.training.data import load_splits
 
     labels = load_splits("digits").y_test.numpy()
     assert len(labels) == DIGITS_TEST_SIZE
@@ -201,7 +201,7 @@ def build_study(client: MlflowClient, key: str, trials: list[SynTrial], *,
     """Write one study (its run and its trials' runs) into ``client``'s store; returns what was
     written. ``narrowing`` (a narrow_space record): the study searches its space and logs it.
     Artifacts go under ``folder`` (default: the working directory)."""
-    from pipeline import space as space_mod
+    from pipeline.search import space as space_mod
 
     folder = Path(folder or Path.cwd()).resolve()
     exp = experiment_id(client, folder)
@@ -322,8 +322,8 @@ def _log_best_artifacts(client, run_id: str, t: SynTrial, cfg: dict, labels: np.
     buf = io.BytesIO()
     np.save(buf, preds, allow_pickle=False)
     history = pd.DataFrame(epoch_metrics(t)).to_csv(index=False)
-    from pipeline.artifacts import examples_npz
-    from pipeline.data import load_splits
+    from pipeline.training.artifacts import examples_npz
+    from pipeline.training.data import load_splits
 
     _log_files(client, run_id, {
         "examples.npz": examples_npz(load_splits("digits"), preds),

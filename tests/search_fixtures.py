@@ -59,7 +59,7 @@ def fresh_store(folder: Path, template: Path) -> MlflowClient:
 def run_search(folder: Path, *argv: str) -> Outcome:
     """``python -m pipeline.search ARGV --quiet`` in-process, with cwd and MLflow store in
     ``folder``; returns the exit code and what it printed."""
-    from pipeline.search import main
+    from pipeline.search.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as mp:

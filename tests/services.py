@@ -1,8 +1,8 @@
 """Real services for the scale-out tests: a PostgreSQL server and an `mlflow server` (with
-MLflow's basic-auth app and --allowed-hosts, as the README's "Scaling out" shows), each started
+MLflow's basic-auth app and --allowed-hosts, as docs/scaling-out.md shows), each started
 on 127.0.0.1 on a free port by a fixture and stopped at its teardown.
 
-PostgreSQL follows the README's "Scaling out" commands: ``initdb`` (as the ``postgres`` user
+PostgreSQL follows docs/scaling-out.md's commands: ``initdb`` (as the ``postgres`` user
 when the tests run as root, since initdb refuses root), ``pg_ctl start`` with the socket in the
 server's own folder, then one database per store. The binaries come from Debian's ``postgresql``
 package (tests/install_system_deps.sh installs it).
@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from search_fixtures import free_port
 
 START_SECONDS = 120  # a cold `mlflow server` builds its schema: tens of seconds on 2 busy cores
@@ -84,7 +83,8 @@ def postgres():
 ADMIN = ("admin", "admin-password-for-tests")
 WORKER = ("pipeline", "worker-password-for-tests")  # the workers' account
 ALLOWED_HOSTS = "tracking.example.org,127.0.0.1:*,localhost:*"
-# The options of the README's multi-machine `mlflow server` command (a test keeps them equal).
+# The options of the multi-machine `mlflow server` command in docs/scaling-out.md (a test keeps
+# them equal: tests/test_security.py, test_readme_keeps_mlflow_on_loopback_and_guards_the_...).
 SERVER_OPTIONS = ("--host", "--port", "--backend-store-uri", "--artifacts-destination",
                   "--app-name", "--allowed-hosts")
 
@@ -110,11 +110,11 @@ def _health(uri: str) -> bool:
 
 @pytest.fixture(scope="module")
 def mlflow_server(postgres, tmp_path_factory):
-    """The README's multi-machine `mlflow server`: on 127.0.0.1, runs in PostgreSQL, artifacts
-    proxied to a folder of its own, users checked by the basic-auth app (its user database in
-    PostgreSQL too), Host headers limited by --allowed-hosts; plus the workers' account, made
-    by the admin as the README shows. One uvicorn worker (each imports MLflow: slow to start on
-    2 cores). Its whole process group is stopped at teardown."""
+    """docs/scaling-out.md's multi-machine `mlflow server`: on 127.0.0.1, runs in PostgreSQL,
+    artifacts proxied to a folder of its own, users checked by the basic-auth app (its user
+    database in PostgreSQL too), Host headers limited by --allowed-hosts; plus the workers'
+    account, made by the admin as docs/scaling-out.md shows. One uvicorn worker (each imports
+    MLflow: slow to start on 2 cores). Its whole process group is stopped at teardown."""
     folder = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     backend = postgres.createdb("mlflow")
@@ -128,8 +128,9 @@ def mlflow_server(postgres, tmp_path_factory):
             # no job runner: its consumer processes (GenAI jobs, unused here) cost seconds
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log = (folder / "server.log").open("w")
-    command = dict(zip(SERVER_OPTIONS, ["127.0.0.1", str(port), backend,
-                                        str(folder / "artifacts"), "basic-auth", ALLOWED_HOSTS]))
+    values = ["127.0.0.1", str(port), backend, str(folder / "artifacts"), "basic-auth",
+              ALLOWED_HOSTS]
+    command = dict(zip(SERVER_OPTIONS, values, strict=True))
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", *(x for kv in command.items() for x in kv),
          "--workers", "1"],

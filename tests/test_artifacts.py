@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from pipeline.artifacts import confusion_counts, confusion_csv, history_csv
-from pipeline.train import EpochRecord
+from pipeline.training.artifacts import confusion_counts, confusion_csv, history_csv
+from pipeline.training.trainer import EpochRecord
 
 
 def test_history_csv_is_the_text_pandas_writes_with_gaps_and_nan_left_empty():

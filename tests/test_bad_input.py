@@ -20,7 +20,6 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState, create_trial
-
 from search_fixtures import REPO, free_port, journal, study_names, write_study
 
 GOOD = {"name": "bad", "sampler": {"name": "random", "seed": 0}, "n_trials": 2,

@@ -19,17 +19,25 @@ import pandas as pd
 import pytest
 import torch
 from optuna.trial import TrialState
+from search_fixtures import (
+    STUDIES,
+    Outcome,
+    children,
+    fresh_store,
+    load,
+    one_torch_thread,  # noqa: F401  (autouse)
+    run_search,
+    store_uri,
+    study_runs,
+)
 
-from pipeline import report
 from pipeline.config import TrainConfig
-from pipeline.engine import smoke_config, study_key
-from pipeline.model import build_model, count_params
-from pipeline.report_views import VIEWS
-from pipeline.study import load_study
-from pipeline.train import train
-from search_fixtures import (STUDIES, Outcome, children, fresh_store, load, run_search,
-                             store_uri, study_runs)
-from search_fixtures import one_torch_thread  # noqa: F401  (autouse)
+from pipeline.report import build as report, cli as report_cli
+from pipeline.report.views.registry import VIEWS
+from pipeline.search.plan import study_key
+from pipeline.search.studyfile import load_study, smoke_config
+from pipeline.training.models import build_model, count_params
+from pipeline.training.trainer import train
 
 VIEW_STUDIES = [p for p in sorted(STUDIES.glob("*.yaml")) if load_study(p.stem).report.views]
 # Standard figures that read the searched parameters (bundles, empty spaces, grids) or the
@@ -90,7 +98,7 @@ def run_report(folder: Path, *argv: str) -> Outcome:
         mp.chdir(folder)
         mp.setenv("MLFLOW_TRACKING_URI", store_uri(folder))
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = report.main(list(argv))
+            code = report_cli.main(list(argv))
     return Outcome(code, out.getvalue(), err.getvalue())
 
 
@@ -202,7 +210,7 @@ def test_train_loss_std_is_the_spread_of_the_per_step_losses(digits):
         losses.append(loss.item())
         sizes.append(len(idx))
     assert metrics["train_loss_std"] == pytest.approx(torch.tensor(losses).std().item(), rel=1e-5)
-    mean = sum(l * n for l, n in zip(losses, sizes)) / sum(sizes)
+    mean = sum(loss * n for loss, n in zip(losses, sizes)) / sum(sizes)
     assert metrics["train_loss"] == pytest.approx(mean, rel=1e-5)
     assert metrics["epoch_seconds"] > 0
 

@@ -18,8 +18,8 @@ import torch
 import torchvision.datasets as tvd
 from sklearn.datasets import load_digits
 
-import pipeline.data
-from pipeline.data import DatasetNotFound
+import pipeline.training.data
+from pipeline.training.data import DatasetNotFound
 
 pytestmark = pytest.mark.usefixtures("fresh_splits_cache")
 
@@ -201,7 +201,7 @@ def test_fashion_mnist_falls_back_to_the_debian_package(tmp_path, monkeypatch, f
     for fname, content in idx_files(arrays).items():
         (debian / f"{fname}.gz").write_bytes(gzip.compress(content))
     cache = tmp_path / "cache"
-    monkeypatch.setattr(pipeline.data, "DEBIAN_FASHION_MNIST", debian)
+    monkeypatch.setattr(pipeline.training.data, "DEBIAN_FASHION_MNIST", debian)
     monkeypatch.setenv("PIPELINE_DATA_CACHE", str(cache))
 
     s = fresh_splits_cache("fashion-mnist")
@@ -309,7 +309,7 @@ def test_one_cached_load_whatever_the_form_of_the_call(fresh_splits_cache):
     """The study's dataset check (positional, defaults partly left out) and its trials
     (splits_for, every argument) share one load."""
     from pipeline.config import TrainConfig
-    from pipeline.data import splits_for
+    from pipeline.training.data import splits_for
 
     first = fresh_splits_cache("digits", None, 0, 0.2, None)
     assert splits_for(TrainConfig(dataset="digits")) is first

@@ -17,9 +17,10 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from optuna.distributions import IntDistribution
 from optuna.trial import TrialState, create_trial
+from search_fixtures import PARENT, free_port, fresh_store, journal, load, store_uri
 
-from pipeline import doctor, spool
-from search_fixtures import PARENT, fresh_store, free_port, journal, load, store_uri
+from pipeline import doctor, names
+from pipeline.tracking import spool
 
 KEY = "s"
 DIST = {"width": IntDistribution(8, 64)}
@@ -53,7 +54,7 @@ class Broken:
     """One study with one of each problem the doctor knows (and one healthy trial)."""
 
     def __init__(self, folder: Path):
-        self.client = client = MlflowClient()
+        self.client = MlflowClient()
         self.study = study = optuna.create_study(study_name=KEY, storage=journal(folder),
                                                  direction="maximize")
         self.study_run = self.run("study", status="RUNNING")
@@ -151,8 +152,8 @@ def test_repair_fixes_what_is_safe_and_says_so(folder):
     # runs no trial points at: tagged, and ended when RUNNING; never deleted
     dup, orphan = client.get_run(broken.duplicate), client.get_run(broken.orphan)
     assert dup.info.status == "KILLED" and "second run for trial 0" in dup.data.tags[
-        doctor.ORPHAN_TAG]
-    assert orphan.info.status == "FINISHED" and doctor.ORPHAN_TAG in orphan.data.tags
+        names.ORPHAN]
+    assert orphan.info.status == "FINISHED" and names.ORPHAN in orphan.data.tags
     assert dup.info.lifecycle_stage == orphan.info.lifecycle_stage == "active"
     # the study run whose launcher is gone: KILLED and closed (the next launch opens a new one)
     assert client.get_run(broken.study_run).info.status == "KILLED"

@@ -23,11 +23,21 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
+from search_fixtures import (
+    all_runs,
+    free_port,
+    fresh_store,
+    load,
+    one_torch_thread,
+    run_search,
+    store_uri,
+    study_runs,
+    write_study,
+)
 
-from pipeline import doctor, spool
-from pipeline.objective import trial_seed
-from search_fixtures import (all_runs, fresh_store, free_port, load, one_torch_thread,
-                             run_search, store_uri, study_runs, write_study)
+from pipeline import doctor
+from pipeline.search.objective import trial_seed
+from pipeline.tracking import spool
 
 assert one_torch_thread  # an autouse fixture, imported to apply to this module
 

@@ -23,21 +23,33 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from search_fixtures import (
+    PARENT,
+    REPO,
+    Outcome,
+    all_runs,
+    artifact_paths,
+    fresh_store,
+    load,
+    one_torch_thread,
+    run_search,
+    store_uri,
+    study_names,
+    study_runs,
+    write_study,
+)
 
-import pipeline.train
-from pipeline import report_views
+import pipeline.training.trainer
 from pipeline.config import ConfigError, TrainConfig
-from pipeline.data import load_splits
 from pipeline.final import final_config
-from pipeline.model import build_model
-from pipeline.report_data import StudyData
-from pipeline.report_transfer import contrast_examples, transfer_info
-from pipeline.study import load_study
-from pipeline.transfer import inherited
-from pipeline.winner import NoWinner, find_winner
-from search_fixtures import (PARENT, REPO, Outcome, all_runs, artifact_paths, fresh_store, load,
-                             one_torch_thread, run_search, store_uri, study_names, study_runs,
-                             write_study)
+from pipeline.report.extract import StudyData
+from pipeline.report.views import registry as report_views
+from pipeline.report.views.transfer import contrast_examples, transfer_info
+from pipeline.search.studyfile import load_study
+from pipeline.search.transfer import inherited
+from pipeline.search.winner import NoWinner, find_winner
+from pipeline.training.data import load_splits
+from pipeline.training.models import build_model
 
 assert one_torch_thread  # an autouse fixture, imported to apply to this module
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -80,14 +92,14 @@ def final(tmp_path_factory, empty_mlflow_db):
     searched = run_search(folder, "--study", str(path))
     assert searched.code == 0, searched.err
     evaluated = []
-    real = pipeline.train.evaluate
+    real = pipeline.training.trainer.evaluate
 
     def counting(model, x, y):
         evaluated.append(len(y))
         return real(model, x, y)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pipeline.train, "evaluate", counting)
+        mp.setattr(pipeline.training.trainer, "evaluate", counting)
         done = run_final(folder, "--study", str(path), "--length-factor", "3")
     assert done.code == 0, done.err
     (run,) = [r for r in all_runs(client) if r.data.tags.get("pipeline.kind") == "final"]
@@ -142,7 +154,7 @@ def test_final_evaluates_the_test_split_once_with_the_last_epoch_weights(final):
     model = build_model(cfg, splits.input_shape, splits.n_classes)
     model.load_state_dict(torch.load(client.download_artifacts(
         run.info.run_id, "model/state_dict.pt", str(folder)), weights_only=True))
-    _, acc, pred = pipeline.train.evaluate(model, splits.x_test, splits.y_test)
+    _, acc, pred = pipeline.training.trainer.evaluate(model, splits.x_test, splits.y_test)
     assert acc == run.data.metrics["test_acc"]  # the logged weights are the model tested
     logged = np.load(client.download_artifacts(run.info.run_id, "test_predictions.npy",
                                                str(folder)))
@@ -245,8 +257,9 @@ def test_transfer_trials_inherit_the_source_network_and_start_from_its_weights(t
     (study_run,) = study_runs(client, "tgt")
     assert study_run.data.tags["pipeline.source_study"] == "src"
     assert study_run.data.tags["pipeline.source_run"] == winner.trial_run_id
+    modes = ("scratch", "linear_probe", "fine_tune")
     assert sorted((r.data.params["transfer"], r.data.params["lr"]) for r in trials.values()) == \
-        sorted((m, lr) for m in ("scratch", "linear_probe", "fine_tune") for lr in ("0.003", "0.03"))
+        sorted((m, lr) for m in modes for lr in ("0.003", "0.03"))
     for run in trials.values():
         p = run.data.params
         assert run.info.status == "FINISHED"
@@ -282,7 +295,7 @@ def test_linear_probe_keeps_the_source_features_and_fine_tune_starts_from_them(t
 def test_transfer_report_view_names_best_and_worst_and_shows_what_separates_them(transfer):
     """The view as the report builds it, from the store (the standard figures are left out:
     tests/test_report.py draws those)."""
-    from pipeline.report_data import extract_study
+    from pipeline.report.extract import extract_study
 
     folder, client, _, _, _, trials = transfer
     data = extract_study(client, "tgt")

@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 import pytest
+from search_fixtures import fresh_store, run_search, write_study
 
 from pipeline import gc_policy
-from search_fixtures import fresh_store, run_search, write_study
 
 
 @pytest.fixture
@@ -92,11 +92,11 @@ def cli_runs(tmp_path_factory):
         return subprocess.run([sys.executable, "-c", PROBE, *argv], cwd=folder, env=env,
                               capture_output=True, text=True, timeout=300)
 
-    search = probe("pipeline.objective", "run_trial", "pipeline.search",
+    search = probe("pipeline.search.objective", "run_trial", "pipeline.search",
                    "--study", str(folder / "tiny.yaml"), "--quiet")
     report = probe("os", "fork", "pipeline.report", "--study", "tiny")  # figure workers
-    train = probe("pipeline.train", "train", "pipeline.train", "--depth", "1", "--width", "8",
-                  "--cycles", "1")
+    train = probe("pipeline.tracking.training_run", "train", "pipeline.train", "--depth", "1",
+                  "--width", "8", "--cycles", "1")
     return folder, search, report, train
 
 

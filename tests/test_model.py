@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pipeline.config import TrainConfig
-from pipeline.model import LeCunTanh, build_model, count_params, weight_matrices
+from pipeline.training.models import LeCunTanh, build_model, count_params, weight_matrices
 
 MNIST = (1, 28, 28)
 DIGITS = (1, 8, 8)

@@ -12,8 +12,14 @@ import random
 
 import pytest
 
-from pipeline.narrow import (NarrowingError, boundary_flag, clip_params, narrow_param,
-                             narrow_space, select_top)
+from pipeline.search.narrow import (
+    NarrowingError,
+    boundary_flag,
+    clip_params,
+    narrow_param,
+    narrow_space,
+    select_top,
+)
 
 LIN = {"type": "float", "low": 0.0, "high": 10.0, "log": False}
 LOG = {"type": "float", "low": 1e-5, "high": 1e-1, "log": True}

@@ -19,13 +19,29 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from report_fixtures import (  # noqa: F401  (fixtures)
+    COARSE,
+    FINE,
+    SPACE,
+    SynTrial,
+    cfg_for,
+    chromium,
+    digits_test_labels,
+    synthetic_store,
+)
+from search_fixtures import (
+    Outcome,
+    artifact_paths,
+    free_port,
+    fresh_store,
+    load,
+    one_torch_thread,  # noqa: F401  (autouse: the smoke search)
+    run_search,
+    store_uri,
+)
 
-from pipeline import report, report_data as rd
-from report_fixtures import COARSE, FINE, SPACE, SynTrial, cfg_for, digits_test_labels
-from report_fixtures import chromium, synthetic_store  # noqa: F401  (fixtures)
-from search_fixtures import (Outcome, artifact_paths, free_port, fresh_store, load, run_search,
-                             store_uri)
-from search_fixtures import one_torch_thread  # noqa: F401  (autouse: the smoke search)
+from pipeline.cli import EXIT_BAD_INPUT
+from pipeline.report import build as report, cli as report_cli, extract as rd, render
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 STUDY_FIGURES = ("history", "objective_vs_params", "pair", "parallel_coordinates", "importance",
@@ -41,7 +57,7 @@ def run_report(folder: Path, uri: str, *argv: str) -> Outcome:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = report.main(list(argv))
+            code = report_cli.main(list(argv))
     return Outcome(code, out.getvalue(), err.getvalue())
 
 
@@ -287,7 +303,7 @@ def test_cli_tables_hold_the_constructed_numbers(fine_report):
     assert top.objective.tolist()[:4] == pytest.approx([0.98, 0.975, 0.96, 0.94])
     assert top.test_acc.tolist()[:4] == pytest.approx([0.975, 0.955, 0.95, 0.93])
     # The last row is the constant predictor; its accuracies computed here from the splits.
-    from pipeline.data import load_splits
+    from pipeline.training.data import load_splits
 
     s = load_splits("digits")
     majority = int(np.bincount(s.y_train.numpy()).argmax())
@@ -354,7 +370,7 @@ def test_cli_compares_two_studies(synthetic_store, tmp_path):
 ], ids=["missing", "no-trials", "all-failed"])
 def test_cli_refuses_a_study_it_cannot_report(synthetic_store, tmp_path, study, message):
     result = run_report(tmp_path, synthetic_store.uri, "--study", study)
-    assert result.code == report.EXIT_BAD_INPUT
+    assert result.code == EXIT_BAD_INPUT
     assert message in result.err and result.err.startswith("error: ")
     assert "Traceback" not in result.err + result.out
     assert not (tmp_path / "reports").exists()
@@ -367,7 +383,7 @@ def test_cli_refuses_a_study_it_cannot_report(synthetic_store, tmp_path, study, 
 def test_cli_refuses_one_bad_study_among_several(synthetic_store, tmp_path):
     result = run_report(tmp_path, synthetic_store.uri, "--study", "syn-coarse",
                         "--study", "syn-empty")
-    assert result.code == report.EXIT_BAD_INPUT and "syn-empty" in result.err
+    assert result.code == EXIT_BAD_INPUT and "syn-empty" in result.err
     assert not (tmp_path / "reports").exists()
 
 
@@ -377,7 +393,7 @@ def test_cli_unreachable_store(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     uri = f"http://127.0.0.1:{free_port()}"
     result = run_report(tmp_path, uri, "--study", "coarse")
-    assert result.code == report.EXIT_BAD_INPUT
+    assert result.code == EXIT_BAD_INPUT
     assert f"cannot use the MLflow tracking store '{uri}'" in result.err
     assert "MLFLOW_TRACKING_URI" in result.err and "Traceback" not in result.err
     assert not (tmp_path / "reports").exists()
@@ -394,7 +410,7 @@ def test_cli_unreachable_store_fails_fast_with_default_settings(tmp_path, subpro
                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
     except subprocess.TimeoutExpired:
         pytest.fail("an unreachable tracking store was still being retried after 30 s")
-    assert proc.returncode == report.EXIT_BAD_INPUT, proc.stderr
+    assert proc.returncode == EXIT_BAD_INPUT, proc.stderr
     assert "cannot use the MLflow tracking store" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "reports").exists()
@@ -403,7 +419,7 @@ def test_cli_unreachable_store_fails_fast_with_default_settings(tmp_path, subpro
 # -- re-running replaces the folder atomically ----------------------------------------------------
 
 
-def _sections(label: str, extra_figure: bool = False) -> list[report.Section]:
+def _sections(label: str, extra_figure: bool = False) -> list[render.Section]:
     from matplotlib.figure import Figure
 
     from pipeline.figures import to_png
@@ -414,13 +430,13 @@ def _sections(label: str, extra_figure: bool = False) -> list[report.Section]:
     if extra_figure:
         figures.append(("only_in_old.png", "old", to_png(fig, dpi=20)))
     table = pd.DataFrame({"label": [label], "value": [1.5]})
-    return [report.Section(f"Section {label}", "text", [("table", table)], figures)]
+    return [render.Section(f"Section {label}", "text", [("table", table)], figures)]
 
 
 def test_rewrite_replaces_the_whole_folder(tmp_path):
     out = tmp_path / "reports" / "study"
-    report.write_report(out, "old", _sections("old", extra_figure=True))
-    report.write_report(out, "new", _sections("new"))
+    render.write_report(out, "old", _sections("old", extra_figure=True))
+    render.write_report(out, "new", _sections("new"))
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "index.html", "report.md",
                                                      "table.csv"]
     assert "# new" in (out / "report.md").read_text()
@@ -434,16 +450,16 @@ def test_interrupted_rewrite_leaves_the_old_report_intact(tmp_path, monkeypatch,
     swapping the folders): the previous report stays in place, whole, and no temporary folder is
     left behind."""
     out = tmp_path / "reports" / "study"
-    report.write_report(out, "old", _sections("old", extra_figure=True))
+    render.write_report(out, "old", _sections("old", extra_figure=True))
     before = snapshot(out)
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
     if where == "markdown":
-        monkeypatch.setattr(report, "render_markdown", interrupt)
+        monkeypatch.setattr(render, "render_markdown", interrupt)
     elif where == "html":
-        monkeypatch.setattr(report, "render_html", interrupt)
+        monkeypatch.setattr(render, "render_html", interrupt)
     else:  # the new folder's rename into place
         real_rename = Path.rename
 
@@ -454,7 +470,7 @@ def test_interrupted_rewrite_leaves_the_old_report_intact(tmp_path, monkeypatch,
 
         monkeypatch.setattr(Path, "rename", rename)
     with pytest.raises(KeyboardInterrupt):
-        report.write_report(out, "new", _sections("new"))
+        render.write_report(out, "new", _sections("new"))
     monkeypatch.undo()
     assert out.is_dir() and snapshot(out) == before
     assert [p.name for p in out.parent.iterdir()] == ["study"]

@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from pipeline import report_views, views_data as vd
 from pipeline.config import ConfigError
-from pipeline.report_data import StudyData
-from pipeline.study import load_study
+from pipeline.report.extract import StudyData
+from pipeline.report.views import data as vd, registry as report_views
+from pipeline.search.studyfile import load_study
 
 
 def study(rows: list[dict], histories: dict[int, dict], space: dict) -> StudyData:

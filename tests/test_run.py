@@ -22,10 +22,10 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline.config import TrainConfig
-from pipeline.data import load_splits
-from pipeline.model import build_model
-from pipeline.run import main
-from pipeline.train import evaluate
+from pipeline.train import main
+from pipeline.training.data import load_splits
+from pipeline.training.models import build_model
+from pipeline.training.trainer import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_FLAGS = ["--cycles", "1", "--step-size-epochs", "1", "--width", "16"]

@@ -3,7 +3,7 @@ launches (not `--workers` children of one launcher) started together against one
 and one MLflow tracking store.
 
 - PostgreSQL for the study and a real `mlflow server` (PostgreSQL backend, proxied artifacts)
-  for the runs, both on 127.0.0.1 (tests/services.py): the README's "Scaling out" set-up;
+  for the runs, both on 127.0.0.1 (tests/services.py): the set-up of docs/scaling-out.md;
 - the default journal file and a SQLite tracking store: several processes on one machine.
 
 Either way: exactly n_trials trials with unique numbers, one MLflow run per trial, nested under
@@ -27,7 +27,6 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
-
 from search_fixtures import PARENT, RUN_STATUS, store_uri, write_study
 from services import ADMIN, WORKER, MlflowServer, mlflow_server, postgres  # noqa: F401
 
@@ -71,7 +70,7 @@ def launch_workers(folder, study_path, env: dict, *storage: str) -> list:
 
 
 def check_one_study(study: optuna.Study, client: MlflowClient, results: list) -> None:
-    for pid, code, out, err in results:
+    for pid, code, _out, err in results:
         assert code == 0, f"worker {pid} exited {code}:\n{err[-3000:]}"
     trials = study.trials
     assert len(trials) == N_TRIALS
@@ -112,7 +111,7 @@ def check_one_study(study: optuna.Study, client: MlflowClient, results: list) ->
 
 def test_workers_on_many_machines_share_a_postgres_study_and_a_tracking_server(
         postgres, mlflow_server, tmp_path, monkeypatch):  # noqa: F811
-    """The README's set-up: the workers' account (a non-admin may not write to the Default
+    """docs/scaling-out.md's set-up: the workers' account (a non-admin may not write to the Default
     experiment, so the first worker creates the study's experiment) and PostgreSQL storage."""
     storage = postgres.createdb("optuna")
     path = tiny_study(tmp_path, "scaleout")
@@ -144,10 +143,10 @@ def test_workers_on_one_machine_share_the_journal_file_and_a_sqlite_store(tmp_pa
 
 def test_the_tracking_server_refuses_the_unauthenticated_and_foreign_host_names(
         postgres, mlflow_server, tmp_path, monkeypatch):  # noqa: F811
-    """What makes the README's server safe to reach from other machines: no password, no
+    """What makes docs/scaling-out.md's server safe to reach from other machines: no password, no
     access (a worker stops at its start with exit code 2, nothing created); and a Host header
     outside --allowed-hosts (DNS rebinding) is refused even with a password."""
-    from pipeline.search import main
+    from pipeline.search.cli import main
 
     storage = postgres.createdb("refused")
     path = tiny_study(tmp_path, "refused")
@@ -178,7 +177,7 @@ def test_the_tracking_server_refuses_the_unauthenticated_and_foreign_host_names(
 
 def test_one_open_study_run_joined_until_closed_and_orphans_ended(tmp_path, mlflow_store):
     """study_run's rules on one store, step by step: join while open, close once, then anew."""
-    from pipeline import storage as storage_mod, study_run
+    from pipeline.search import storage as storage_mod, study_run
 
     spec = storage_mod.parse_storage(str(tmp_path / "s.journal"))
     study = optuna.create_study(study_name="s", storage=storage_mod.open_storage(spec))

@@ -9,12 +9,24 @@ import re
 
 import pytest
 from optuna.trial import TrialState
+from search_fixtures import (
+    PARENT,
+    RUN_STATUS,
+    STUDIES,
+    all_runs,
+    artifact_paths,
+    children,
+    fresh_store,
+    load,
+    one_torch_thread,
+    run_search,
+    study_names,
+    study_runs,
+    write_study,
+)
 
-from pipeline.engine import smoke_config, study_key
-from pipeline.study import load_study
-from search_fixtures import (PARENT, RUN_STATUS, STUDIES, all_runs, artifact_paths, children,
-                             fresh_store, load, one_torch_thread, run_search,
-                             study_names, study_runs, write_study)
+from pipeline.search.plan import study_key
+from pipeline.search.studyfile import load_study, smoke_config
 
 assert one_torch_thread  # an autouse fixture, imported to apply to this module
 

@@ -11,7 +11,6 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
-
 from search_fixtures import PARENT, REPO, RUN_STATUS, all_runs, children, load
 
 PROJECT_FILES = ("MLproject", "conda.yaml", "pyproject.toml", "README.md", "pipeline", "studies")

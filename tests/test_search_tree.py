@@ -23,12 +23,24 @@ import pytest
 import torch
 import yaml
 from optuna.trial import TrialState
+from search_fixtures import (
+    PARENT,
+    RUN_STATUS,
+    STUDIES,
+    all_runs,
+    artifact_paths,
+    children,
+    free_port,
+    fresh_store,
+    load,
+    one_torch_thread,
+    run_search,
+    store_uri,
+    study_runs,
+)
 
 from pipeline.config import TrainConfig
-from pipeline.study import load_study
-from search_fixtures import (PARENT, RUN_STATUS, STUDIES, all_runs, artifact_paths, children,
-                             fresh_store, free_port, load, one_torch_thread, run_search,
-                             store_uri, study_runs)
+from pipeline.search.studyfile import load_study
 
 assert one_torch_thread  # an autouse fixture, imported to apply to this module
 
@@ -227,7 +239,7 @@ def test_study_run_params_and_summary_metrics(client, study_run, studies):
 def test_best_model_loads_and_predicts_like_the_best_trial(client, study_run, digits, tree,
                                                            monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri(tree[0]))
-    for key, run in study_run.items():
+    for run in study_run.values():
         uri = run.data.tags["pipeline.best_model_uri"]
         assert run.data.tags["pipeline.best_trial_run"] == \
             client.get_run(run.data.tags["pipeline.best_trial_run"]).info.run_id

@@ -19,13 +19,20 @@ import pytest
 import torch
 from packaging.requirements import Requirement
 from packaging.version import Version
+from search_fixtures import (
+    REPO,
+    fresh_store,
+    load,
+    one_torch_thread,
+    run_search,
+    study_runs,
+    write_study,
+)
 
-from pipeline.checkpoint import UnsafeCheckpoint, load_state_dict
 from pipeline.config import TrainConfig
-from pipeline.data import DatasetNotFound
-from pipeline.train import train
-from search_fixtures import (REPO, fresh_store, load, one_torch_thread, run_search,
-                             study_runs, write_study)
+from pipeline.training.checkpoint import UnsafeCheckpoint, load_state_dict
+from pipeline.training.data import DatasetNotFound
+from pipeline.training.trainer import train
 
 assert one_torch_thread  # an autouse fixture, imported to apply to this module
 
@@ -144,7 +151,7 @@ def test_a_tampered_trial_checkpoint_is_not_loaded_into_the_best_model(finished_
 
 
 def test_only_the_pipelines_own_trial_runs_count_as_model_sources(finished_study):
-    from pipeline.study_run import is_trial_run
+    from pipeline.search.study_run import is_trial_run
 
     folder, client, _ = finished_study
     (trial,) = load(folder, "safe").trials
@@ -213,21 +220,22 @@ def test_dependency_floors_exclude_the_known_cves(package):
 
 
 def test_readme_keeps_mlflow_on_loopback_and_guards_the_shared_server():
-    """Every `mlflow ui` / `mlflow server` the README shows binds to 127.0.0.1, and the one other
-    machines reach (through a tunnel or proxy) checks passwords and Host headers, with exactly
-    the options the scale-out tests start it with (tests/services.py)."""
+    """Every `mlflow ui` / `mlflow server` the README and docs/ show binds to 127.0.0.1, and the
+    one other machines reach (through a tunnel or proxy; docs/scaling-out.md) checks passwords
+    and Host headers, with exactly the options the scale-out tests start it with
+    (tests/services.py)."""
     import re
 
     from services import SERVER_OPTIONS
-    from test_project import bash_blocks, commands
+    from test_project import bash_blocks, commands, project_docs, section
 
-    readme = (REPO / "README.md").read_text()
-    shown = [c for block in bash_blocks(readme) for c in commands(block)
+    docs = project_docs()
+    shown = [c for block in bash_blocks(docs) for c in commands(block)
              if re.search(r"\bmlflow (ui|server)\b", c)]
     assert len(shown) >= 2
     assert all(re.search(r"--host 127\.0\.0\.1\b", c) for c in shown), shown
-    section = readme.split("## Scaling out", 1)[1].split("\n## ", 1)[0]
-    (server,) = [c for block in bash_blocks(section) for c in commands(block)
+    scaling_out = section(docs, "Scaling out")
+    (server,) = [c for block in bash_blocks(scaling_out) for c in commands(block)
                  if "mlflow server" in c]
     assert "--app-name basic-auth" in server and "--allowed-hosts" in server
     assert re.findall(r"(--[a-z-]+)", server) == list(SERVER_OPTIONS)

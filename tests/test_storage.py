@@ -10,7 +10,7 @@ import threading
 import optuna
 import pytest
 
-from pipeline.storage import JournalFile, open_storage, parse_storage
+from pipeline.search.storage import JournalFile, open_storage, parse_storage
 
 
 def _fill(study: optuna.Study) -> None:

@@ -7,12 +7,20 @@ import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState, create_trial
+from pydantic import ValidationError
+from search_fixtures import (
+    STUDIES,
+    all_runs,
+    fresh_store,
+    journal,
+    run_search,
+    study_names,
+    write_study,
+)
 
 from pipeline.config import ConfigError, TrainConfig
-from pipeline.study import (BundleParam, CategoricalParam, FloatParam, IntParam, StudyConfig,
-                            load_study)
-from search_fixtures import (STUDIES, all_runs, fresh_store, journal, run_search, study_names,
-                             write_study)
+from pipeline.search.params import BundleParam, CategoricalParam, FloatParam, IntParam
+from pipeline.search.studyfile import StudyConfig, load_study
 
 SHIPPED = sorted(STUDIES.glob("*.yaml"))
 AVAILABLE = "Available studies: " + ", ".join(p.stem for p in SHIPPED)
@@ -54,7 +62,7 @@ def test_study_config_is_frozen_and_typed():
     cfg = load_study("coarse")
     assert isinstance(cfg.space["l2_lambda"], FloatParam)
     assert isinstance(cfg.space["depth"], IntParam)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):  # frozen
         cfg.n_trials = 3
 
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
-
-from pipeline import spool, tracking
-from pipeline.tracking import TrackingUnavailable
-from pipeline.tracking_writer import PENDING, QueuedClient
-from pipeline.train import EpochRecord
 from search_fixtures import free_port
+
+from pipeline.tracking import client as tracking, spool
+from pipeline.tracking.client import TrackingUnavailable
+from pipeline.tracking.writer import PENDING, QueuedClient
+from pipeline.training.trainer import EpochRecord
 
 
 @pytest.fixture
@@ -78,8 +78,8 @@ def test_writes_queued_by_a_killed_process_still_land(store, tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, time
         from mlflow.entities import Metric
-        from pipeline import tracking
-        from pipeline.tracking_writer import QueuedClient
+        from pipeline.tracking import client as tracking
+        from pipeline.tracking.writer import QueuedClient
         client = QueuedClient(tracking.tracking_client())
         run_id = client.create_run("{exp}").info.run_id
         print(run_id, flush=True)

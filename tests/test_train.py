@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from pipeline.config import TrainConfig
-from pipeline.model import build_model, count_params, weight_matrices
-from pipeline.train import evaluate, l2_term, make_optimizer, make_scheduler, train
+from pipeline.training.models import build_model, count_params, weight_matrices
+from pipeline.training.trainer import evaluate, l2_term, make_optimizer, make_scheduler, train
 
 TINY = dict(depth=1, width=16)  # a digits run of this size trains in well under a second
 
@@ -351,10 +351,11 @@ def test_pretrained_of_another_architecture_is_refused(digits, tmp_path):
         train(constant(pretrained=str(path)), digits)
 
 
-@pytest.mark.parametrize("steps_per_epoch,step_size_epochs,cycles", [(7, 2, 3), (12, 1, 1), (5, 3, 2)])
+@pytest.mark.parametrize("steps_per_epoch,step_size_epochs,cycles",
+                         [(7, 2, 3), (12, 1, 1), (5, 3, 2)])
 def test_closed_form_schedule_matches_torch_cycliclr(steps_per_epoch, step_size_epochs, cycles):
     """The reports draw the schedule without torch; it must be the one training used."""
-    from pipeline.schedule import lr_schedule_values
+    from pipeline.training.schedule import lr_schedule_values
 
     cfg = TrainConfig(eta_min=1e-5, eta_max=0.3, step_size_epochs=step_size_epochs, cycles=cycles)
     steps, lrs = lr_schedule_values(cfg, steps_per_epoch)

@@ -1,0 +1,166 @@
+"""Build a report: extract each study, draw its figures, assemble the sections, write and log."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline import gc_policy, names
+from pipeline.report.render import Section, write_report
+
+
+def _importances(data) -> dict[str, float]:
+    """fANOVA importance from the MLflow data alone (an in-memory Optuna study)."""
+    import optuna
+
+    from pipeline.search import space as space_mod
+
+    dists = space_mod.distributions(space_mod.from_plain(data.space))
+    trials = []
+    for _, row in data.complete.iterrows():
+        params = {n: row[n] for n in dists if n in row and pd.notna(row[n])}
+        params = {n: (int(v) if isinstance(dists[n], optuna.distributions.IntDistribution) else
+                      float(v) if isinstance(dists[n], optuna.distributions.FloatDistribution)
+                      else v) for n, v in params.items()}
+        if len(params) == len(dists):
+            trials.append(optuna.trial.create_trial(
+                params=params, distributions=dists, value=float(row.objective)))
+    if len(trials) < 3 or not dists:
+        return {}
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory"
+    try:
+        study = optuna.create_study(direction=data.direction)
+        study.add_trials(trials)
+        return optuna.importance.get_param_importances(study)
+    except (RuntimeError, ValueError):  # e.g. no variation in any parameter
+        return {}
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def baseline_row(examples: dict) -> dict:
+    """A constant predictor (the training split's majority class), for scale."""
+    majority = int(examples["train_counts"].argmax())
+    return {"number": f"baseline: always predict class {examples['classes'][majority]}",
+            "objective": float(examples["val_counts"][majority] / examples["val_counts"].sum()),
+            "test_acc": float(examples["test_counts"][majority] / examples["test_counts"].sum()),
+            "n_params": 0}
+
+
+def _importance_figure(data):
+    from pipeline.report import figures as rf
+
+    return rf.importance(_importances(data), f"{data.key}: hyperparameter importance")
+
+
+STUDY_FIGURES = ("history", "objective_vs_params", "pair", "parallel_coordinates", "importance",
+                 "top_curves", "lr_schedule", "generalisation", "confusion", "misclassified",
+                 "correct", "grad_norms")
+_rendering = None  # the StudyData being rendered, inherited by forked workers
+
+
+def _render_one(name: str) -> bytes:
+    from pipeline.figures import to_png
+    from pipeline.report import figures as rf
+
+    build = _importance_figure if name == "importance" else getattr(rf, name)
+    return to_png(build(_rendering))
+
+
+def render_figures(data) -> dict[str, bytes]:
+    """Every figure of a study as PNG bytes. The figures are independent, so with several cores
+    they are drawn by forked workers (which inherit ``data``: nothing is pickled but the PNGs)."""
+    global _rendering
+    _rendering = data
+    workers = min(len(STUDY_FIGURES), os.cpu_count() or 1)
+    gc_policy.resume_frozen()  # before forking: the workers inherit what is frozen
+    try:
+        if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+            ctx = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                return dict(zip(STUDY_FIGURES, pool.map(_render_one, STUDY_FIGURES)))
+        return {name: _render_one(name) for name in STUDY_FIGURES}
+    finally:
+        _rendering = None
+
+
+def study_sections(data, prefix: str) -> list[Section]:
+    from pipeline.report import extract as rd, figures as rf
+
+    summary = rd.summary_table(data)
+    top = rd.top_trials(data)
+    if "examples" in data.best_artifacts:
+        top = pd.concat([top, pd.DataFrame([baseline_row(data.best_artifacts["examples"])])],
+                        ignore_index=True)
+    flags = rd.boundary_flags(data)
+    text = (f"Objective: {data.metric} ({data.direction}), the best epoch of each trial on the "
+            "validation split; test accuracy is shown for reporting, never used to select.")
+    if flags:
+        text += " Boundary flags: " + ", ".join(f"{k} near the {v} edge" for k, v in flags.items())
+    head = Section(f"Study {data.key}", text, [
+        (f"{prefix}summary", pd.DataFrame([summary]).T.rename(columns={0: "value"})),
+        (f"{prefix}top_trials", top)])
+    if data.narrowing:
+        head.tables.append((f"{prefix}narrowing", rd.range_changes(data)))
+    figs = Section(f"Figures: {data.key}")
+    for name, png in render_figures(data).items():
+        figs.figures.append((f"{prefix}{name}.png", rf.CAPTIONS[name], png))
+    return [head, figs]
+
+
+def comparison_section(datas) -> Section:
+    from pipeline.figures import to_png
+    from pipeline.report import extract as rd, figures as rf
+
+    sec = Section("Studies side by side",
+                  "Best, quartiles and median of the objective over complete trials; trials "
+                  "needed to reach each study's best; boundary flags.",
+                  [("comparison", rd.compare_studies(datas))])
+    sec.figures.append(("compare.png", rf.CAPTIONS["compare"],
+                        to_png(rf.compare_objectives(datas))))
+    return sec
+
+
+def build_sections(datas, parents) -> list[Section]:
+    from pipeline.report.views.registry import view_sections
+
+    sections = []
+    if len(datas) + len(parents) > 1:
+        sections.append(comparison_section([*parents, *datas]))
+    for d in datas:
+        prefix = f"{d.key}_" if len(datas) > 1 else ""
+        sections += study_sections(d, prefix)
+        sections += view_sections(d, prefix)  # what the study file asks for (report_views)
+    return sections
+
+
+def make_report(client, keys: Sequence[str], out_root: Path, log: bool = True) -> Path:
+    """Extract, render, write and (optionally) log the report; returns its folder."""
+    from pipeline.report import extract as rd
+    from pipeline.report.views.registry import load_views
+    from pipeline.tracking import client as tracking
+
+    datas = [rd.extract_study(client, k) for k in keys]
+    for d in datas:
+        load_views(client, d)
+    parents = []
+    for d in datas:
+        parent = d.study_params.get("study.parent")
+        if parent and parent not in keys and parent not in [p.key for p in parents]:
+            try:
+                parents.append(rd.extract_study(client, parent, top_n=1))
+            except rd.ReportError:
+                pass  # the parent's runs were deleted: report the child alone
+    name = keys[0] if len(keys) == 1 else "-vs-".join(keys)
+    title = f"Study report: {name}"
+    out = write_report(Path(out_root) / name, title, build_sections(datas, parents))
+    if log:
+        client.log_artifacts(datas[-1].study_run_id, str(out), "report")
+        tracking.set_tags(client, datas[-1].study_run_id, {names.REPORT: str(out.resolve())})
+    return out

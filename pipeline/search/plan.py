@@ -1,0 +1,72 @@
+"""A study execution's plan: the study file, dataset, budget, seed, storage and the studies it
+builds on, all resolved and checked before any store is written."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from pipeline.config import DATASETS, ConfigError
+from pipeline.search import storage as storage_mod
+from pipeline.search.studyfile import (
+    STUDIES_DIR,
+    StudyConfig,
+    load_study,
+    resolve_study_path,
+    smoke_config,
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything checked and resolved before any store is written."""
+
+    cfg: StudyConfig
+    key: str  # Optuna study name
+    n_trials: int
+    seed: int
+    storage: storage_mod.StorageSpec
+    parent_key: str | None
+    study_file: Path
+    source_key: str | None = None  # a transfer study's source (pipeline.search.transfer)
+
+
+def study_key(name: str, file_dataset: str, dataset: str, smoke: bool) -> str:
+    """The Optuna study name: one study per (study file, dataset), smoke runs kept apart."""
+    key = name if dataset == file_dataset else f"{name}-{dataset}"
+    return f"{key}-smoke" if smoke else key
+
+
+def plan_study(opts) -> Plan:
+    studies_dir = Path(opts.studies_dir) if opts.studies_dir else None
+    cfg = load_study(opts.study, studies_dir)
+    file_dataset = cfg.dataset
+    if opts.dataset:
+        if opts.dataset not in DATASETS:
+            raise ConfigError(f"--dataset {opts.dataset!r} is not one of {', '.join(DATASETS)}")
+        cfg = cfg.model_copy(update={"dataset": opts.dataset})
+    if opts.smoke:
+        cfg = smoke_config(cfg)
+    n_trials = cfg.n_trials if opts.smoke or opts.n_trials is None else opts.n_trials
+    seed = cfg.sampler.seed if opts.seed is None else opts.seed
+    parent_key = None
+    if cfg.parent:
+        parent = load_study(cfg.parent, Path(studies_folder(opts)))
+        parent_key = study_key(parent.name, parent.dataset, cfg.dataset, opts.smoke)
+    source_key = plan_study(source_opts(opts, cfg)).key if cfg.source else None
+    return Plan(cfg, study_key(cfg.name, file_dataset, cfg.dataset, opts.smoke), n_trials, seed,
+                storage_mod.parse_storage(opts.storage), parent_key,
+                resolve_study_path(opts.study, studies_dir or STUDIES_DIR), source_key)
+
+
+def studies_folder(opts) -> str:
+    """Where a study's parent and source files are: beside the study file (``--study PATH``),
+    else in ``studies/``."""
+    return opts.studies_dir or str(resolve_study_path(opts.study).parent)
+
+
+def source_opts(opts, cfg: StudyConfig):
+    """The options that run a transfer study's source: its own file, dataset, budget and seed;
+    in smoke mode on digits, so that checking a transfer study needs no download."""
+    return replace(opts, study=cfg.source, dataset="digits" if opts.smoke else None,
+                   n_trials=None, seed=None, studies_dir=studies_folder(opts))

@@ -1,0 +1,283 @@
+"""Every MLflow write, through an explicit ``MlflowClient`` and run ids.
+
+No global active-run stack: under ``mlflow run`` (which sets MLFLOW_RUN_ID) ``fluent`` nesting
+returns the parent run itself (MLflow #15713), so child runs are created with ``create_run`` and a
+``mlflow.parentRunId`` tag, and logged to by id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+from pipeline import names
+
+if TYPE_CHECKING:  # the annotation only: the report reads MLflow without importing torch
+    from pipeline.training.trainer import EpochRecord
+
+BATCH = 1000  # MLflow's log_batch limit for metrics
+PARAM_BATCH = 100
+FLUSH_SECONDS = 2.0  # epoch metrics reach MLflow at least this often while a run trains
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking store cannot be reached or used; the message names the URI and the fix."""
+
+
+def tracking_client() -> MlflowClient:
+    """A client on the standard URI resolution (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:"):
+        return MlflowClient()
+    _sqlite_wal()  # before the client opens its first connection
+    # Making a client makes a new store's tables: launchers started together on one machine
+    # raced there ("table ... already exists"). The first makes them, the others wait. The
+    # lock is on the store's folder, so no lock file is left behind.
+    folder = Path(uri.split(":///", 1)[1]).resolve().parent if ":///" in uri else None
+    if folder is None or not folder.is_dir():
+        return MlflowClient()
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return MlflowClient()
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _set_wal(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def _sqlite_wal() -> None:
+    """SQLite in write-ahead-log mode with synchronous=NORMAL: each MLflow write stops waiting
+    for a disk sync (a committed transaction survives a killed process; only a power cut can
+    lose the last ones), and readers such as `mlflow ui` no longer block writers. Registered
+    when a client is made, never at import."""
+    import sqlalchemy
+    from sqlalchemy.engine import Engine
+
+    if not sqlalchemy.event.contains(Engine, "connect", _set_wal_if_sqlite):
+        sqlalchemy.event.listen(Engine, "connect", _set_wal_if_sqlite)
+
+
+def _set_wal_if_sqlite(dbapi_connection, record) -> None:
+    import sqlite3
+
+    if isinstance(dbapi_connection, sqlite3.Connection):
+        _set_wal(dbapi_connection, record)
+
+
+@contextlib.contextmanager
+def quick_requests():
+    """One quick HTTP attempt per call: MLflow's default policy (7 retries, exponential backoff,
+    120 s timeout) takes minutes to give up on a server that is gone; callers that retry do it
+    themselves (check_store does not, spool.SpoolingClient retries with its own bound). A
+    user's own settings win."""
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    unset = [k for k in quick if k not in os.environ]
+    os.environ.update({k: quick[k] for k in unset})
+    try:
+        yield
+    finally:
+        for k in unset:
+            os.environ.pop(k, None)
+
+
+def check_store(client: MlflowClient) -> None:
+    """Fail early, before anything is trained, when the tracking store is unusable."""
+    try:
+        with quick_requests():
+            client.search_experiments(max_results=1)
+    except Exception as err:
+        raise TrackingUnavailable(
+            f"cannot use the MLflow tracking store {client.tracking_uri!r}: "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
+            "Check MLFLOW_TRACKING_URI (unset it to use ./mlflow.db), or start the server."
+        ) from None
+
+
+def check_uri() -> bool:
+    """check_store before anything exists: a SQLite store whose file is not there yet is not
+    created here (making a client creates it), only its folder is checked, so that a later
+    bad-input error leaves nothing behind; any other store is probed. False: the store does not
+    exist yet (and so holds no run)."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:"):
+        path = uri.split(":///", 1)[1] if ":///" in uri else ""
+        if path and not Path(path).exists():
+            if not Path(path).resolve().parent.is_dir():
+                raise TrackingUnavailable(
+                    f"cannot use the MLflow tracking store {uri!r}: folder "
+                    f"{Path(path).resolve().parent} does not exist. Create it, or unset "
+                    "MLFLOW_TRACKING_URI to use ./mlflow.db.")
+            return False
+    check_store(tracking_client())
+    return True
+
+
+def resolve_experiment(client: MlflowClient, name: str | None = None) -> str:
+    """The experiment id: MLFLOW_EXPERIMENT_ID (set by `mlflow run`), else `name`, else
+    MLFLOW_EXPERIMENT_NAME, else MLflow's Default experiment."""
+    if exp_id := os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return exp_id
+    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "Default"
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # another worker created it between our two calls
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def start_run(client: MlflowClient, experiment_id: str, name: str, parent_id: str | None = None,
+              tags: Mapping[str, str] | None = None, adopt_env_run: bool = False) -> str:
+    """Create a run and return its id. With ``adopt_env_run`` and MLFLOW_RUN_ID set (we were
+    started by `mlflow run`), that run becomes ours instead: it already exists and is RUNNING."""
+    tags = dict(tags or {})
+    env_run = os.environ.get("MLFLOW_RUN_ID") if adopt_env_run else None
+    if env_run:
+        client.set_tag(env_run, MLFLOW_RUN_NAME, name)
+        set_tags(client, env_run, tags)
+        return env_run
+    if parent_id:
+        tags[MLFLOW_PARENT_RUN_ID] = parent_id
+    return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+
+
+def start_run_later(client, experiment_id: str, name: str, parent_id: str,
+                    tags: Mapping[str, str]) -> str:
+    """A child run made by a ``QueuedClient``'s writer process, off the caller's path; returns
+    its pending id (``client.run_id(pending)`` gives the real one once it exists)."""
+    return client.create_run_later(experiment_id, name, {**tags, MLFLOW_PARENT_RUN_ID: parent_id})
+
+
+def find_trial_run(client: MlflowClient, study_key: str, number: int) -> str | None:
+    """The RUNNING run of a study's trial, by its tags: for a trial whose worker died before
+    recording its run id on the trial."""
+    for run in study_runs(client, study_key, names.where((names.TRIAL_NUMBER, number))
+                          + " and attributes.status = 'RUNNING'"):
+        if run.data.tags.get(names.KIND) == names.KIND_TRIAL:
+            return run.info.run_id
+    return None
+
+
+def study_runs(client: MlflowClient, key: str, where: str = "") -> list:
+    """Every active run tagged with the study (study runs and trial runs), all pages."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    query = names.where((names.STUDY, key)) + (f" and {where}" if where else "")
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiments, query, max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, object]) -> None:
+    if tags:
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, object]) -> None:
+    items = [Param(k, "None" if v is None else str(v)) for k, v in sorted(params.items())]
+    for i in range(0, len(items), PARAM_BATCH):
+        client.log_batch(run_id, params=items[i:i + PARAM_BATCH])
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float],
+                step: int = 0) -> None:
+    """One batched write; non-finite values are logged as they are (MLflow stores NaN/inf)."""
+    ts = int(time.time() * 1000)
+    items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
+    for i in range(0, len(items), BATCH):
+        client.log_batch(run_id, metrics=items[i:i + BATCH])
+
+
+class EpochWriter:
+    """Per-epoch callback that writes a run's epoch metrics (at step = optimiser updates so far)
+    in batches: an epoch is buffered and the buffer written once ``every`` seconds have passed
+    since the last write, and by ``flush``. Each write is a database transaction that costs
+    milliseconds of CPU, taken from training when training holds every core (a write per epoch
+    cost 3 % of a 2.5-s Fashion-MNIST run, benchmarks/train_speed.py); live curves in
+    ``mlflow ui`` still move every few seconds. ``params`` go with the first write."""
+
+    def __init__(self, client: MlflowClient, run_id: str, every: float = FLUSH_SECONDS,
+                 params: Mapping[str, object] | None = None):
+        self.client, self.run_id, self.every = client, run_id, every
+        self.params: Mapping[str, object] | None = params
+        self.buffer: list[EpochRecord] = []
+        self.last_write = time.perf_counter()
+
+    def __call__(self, record: EpochRecord) -> None:
+        self.buffer.append(record)
+        if time.perf_counter() - self.last_write > self.every:
+            self.flush()
+
+    def flush(self, final: Mapping[str, float] | None = None, final_step: int = 0,
+              tags: Mapping[str, object] | None = None) -> None:
+        """Write what is buffered, and the final metrics and tags, in one batch (if any)."""
+        if self.buffer or final or tags or self.params:
+            log_epochs(self.client, self.run_id, self.buffer, final=final,
+                       final_step=final_step, params=self.params, tags=tags)
+        self.buffer, self.params = [], None
+        self.last_write = time.perf_counter()
+
+
+def log_epochs(client: MlflowClient, run_id: str, records: Iterable[EpochRecord],
+               final: Mapping[str, float] | None = None, final_step: int = 0,
+               params: Mapping[str, object] | None = None,
+               tags: Mapping[str, object] | None = None) -> None:
+    """Several epochs' metrics, and optionally final metrics, params and tags, in as few calls
+    as MLflow allows (one, for a short run: each call is a database transaction)."""
+    ts = int(time.time() * 1000)
+    items = [Metric(k, float(v), ts, r.step)
+             for r in records for k, v in {**r.metrics, "epoch": r.epoch}.items()]
+    items += [Metric(k, float(v), ts, final_step) for k, v in (final or {}).items()]
+    p = [Param(k, "None" if v is None else str(v)) for k, v in sorted((params or {}).items())]
+    t = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    first = True
+    while first or items or p:
+        client.log_batch(run_id, metrics=items[:BATCH], params=p[:PARAM_BATCH],
+                         tags=t if first else [])
+        items, p, first = items[BATCH:], p[PARAM_BATCH:], False
+
+
+def log_artifacts(client: MlflowClient, run_id: str, files: Mapping[str, bytes | str],
+                  artifact_path: str | None = None) -> None:
+    """Write ``{relative path: content}`` to a temporary folder and upload it in one call."""
+    if not files:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        for rel, content in files.items():
+            path = Path(tmp, rel)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content.encode() if isinstance(content, str) else content)
+        client.log_artifacts(run_id, tmp, artifact_path)
+
+
+def end_run(client: MlflowClient, run_id: str, status: str = "FINISHED") -> None:
+    """Mark a run FINISHED, FAILED or KILLED."""
+    client.set_terminated(run_id, status)
+
+
+def history_dicts(records: Iterable[EpochRecord]) -> list[dict]:
+    return [{"epoch": r.epoch, "step": r.step, **r.metrics} for r in records]
