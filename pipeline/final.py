@@ -4,12 +4,13 @@
     python -m pipeline.final --study fine --length-factor 3  # three times as long
     python -m pipeline.final --study coarse --smoke          # the winner of coarse's smoke study
 
-The winner is the study's best trial, chosen on validation when the study ran (read from MLflow,
-pipeline.search.winner). Its exact configuration (seed included) is trained again on the
-training and validation splits together, for ``length-factor`` times as long: cycles x N for a
-cyclical schedule (so it still ends a cycle, at the lowest rate), epochs x N for a constant one.
-Nothing is held out for selection any more, so the model kept is the last epoch's; the test
-split, untouched by the search, is evaluated exactly once, at the end.
+The winner is the study's re-checked winner when it has one (the best mean validation over fresh
+seeds, pipeline.search.recheck), else its best trial, chosen on validation when the study ran
+(both read from MLflow, pipeline.search.winner). Its exact configuration (seed included) is
+trained again on the training and validation splits together, for ``length-factor`` times as
+long: cycles x N for a cyclical schedule (so it still ends a cycle, at the lowest rate), epochs
+x N for a constant one. Nothing is held out for selection any more, so the model kept is the
+last epoch's; the test split, untouched by the search, is evaluated exactly once, at the end.
 
 The run is a child of the study's run, named ``<study>-final`` and tagged
 ``pipeline.kind=final``; it logs the configuration, per-epoch training metrics, ``test_acc``,
@@ -83,10 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
+    print(f"[{key}] retraining trial {best.trial_number}: {best.why}", flush=True)
     run_id = _start_final_run(client, key, best)
     params = {**cfg.model_dump(), "final.length_factor": args.length_factor,
               "final.study": key, "final.trial_number": best.trial_number,
-              "final.trial_run": best.trial_run_id}
+              "final.trial_run": best.trial_run_id, "final.chosen_by": best.why}
     if os.environ.get("MLFLOW_RUN_ID") == run_id:  # `mlflow run` logged its -P values already
         params = {k: v for k, v in params.items() if k not in client.get_run(run_id).data.params}
     tracking.log_params(client, run_id, params)

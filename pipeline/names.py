@@ -24,18 +24,31 @@ REPORT = "pipeline.report"  # where the report was written
 ORPHAN = "pipeline.orphan"  # the doctor's mark on a run no trial points at
 STUDY_RUN = "pipeline.study_run"  # a worker's own `mlflow run` run: the study run it joined
 BOUNDARY_PREFIX = "pipeline.boundary."  # + parameter: its best values crowd that edge
+RECHECK_SEED = "pipeline.recheck_seed"  # a re-check run's fresh training seed
+WINNER_TRIAL = "pipeline.winner_trial"  # the study run's re-checked winner (a trial number)
 
 # Values of KIND
 KIND_STUDY = "study"  # one execution of a study: the parent of its trial runs
 KIND_TRIAL = "trial"
+KIND_RECHECK = "recheck"  # a candidate retrained with a fresh seed (pipeline.search.recheck)
 KIND_WORKER = "worker"  # an extra launcher's own run under `mlflow run`
 KIND_TRAIN = "train"  # python -m pipeline.train
 KIND_FINAL = "final"  # python -m pipeline.final
 
+# -- Optuna trial user attributes of a re-check trial: the (candidate, seed) pair it trains ----
+CANDIDATE = "candidate"
+SEED_INDEX = "seed_index"
+
 # -- metrics ------------------------------------------------------------------------------------
 BEST_VAL_ACC = "best_val_acc"  # a run's best validation accuracy (its selected epoch)
 TEST_ACC = "test_acc"  # test accuracy of the selected model: reported, never used to choose
-BEST_TRIAL = "best_trial"  # the study run's best trial number
+BEST_TRIAL = "best_trial"  # the study run's best trial number (single run, as searched)
+# The re-check's verdict on the study run (pipeline.search.rank):
+WINNER_VAL_MEAN, WINNER_VAL_STD = "winner_val_mean", "winner_val_std"
+WINNER_TEST_MEAN, WINNER_TEST_STD = "winner_test_mean", "winner_test_std"
+WINNER_VAL_CI_LOW, WINNER_VAL_CI_HIGH = "winner_val_ci_low", "winner_val_ci_high"
+N_RECHECK_RUNS = "n_recheck_runs"
+SELECTION_OPTIMISM = "selection_optimism"
 
 # -- artifacts of a training run ----------------------------------------------------------------
 WEIGHTS = "model/state_dict.pt"
@@ -50,6 +63,7 @@ STUDY_FILE = "study.yaml"
 SEARCH_SPACE = "search_space.json"
 NARROWING = "narrowing.json"
 SUMMARY = "summary.json"
+RECHECK = "recheck.json"  # the re-check's verdict: every candidate, the winner, the runner-up
 
 
 def where(*tags: tuple[str, str]) -> str:

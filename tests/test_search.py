@@ -63,16 +63,25 @@ def test_every_shipped_study_runs_in_smoke_mode(path, tmp_path, empty_mlflow_db)
         todo += [load_study(name) for name in (cfg.parent, cfg.source) if name]
     keys = [study_key(cfg.name, cfg.dataset, "digits", smoke=True) for cfg in chain]
     # 3 trials, fewer for a smaller grid or a one-trial study
-    sizes = [smoke_config(cfg.model_copy(update={"dataset": "digits"})).n_trials for cfg in chain]
-    assert study_names(tmp_path) == sorted(keys)
-    for key, size in zip(keys, sizes):
+    smoked = [smoke_config(cfg.model_copy(update={"dataset": "digits"})) for cfg in chain]
+    sizes = [cfg.n_trials for cfg in smoked]
+    rechecks = [f"{key}-recheck" for key, cfg in zip(keys, smoked) if cfg.recheck]
+    assert study_names(tmp_path) == sorted(keys + rechecks)
+    for key, size, cfg in zip(keys, sizes, smoked):
         study = load(tmp_path, key)
         assert len(study.trials) == size
         assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
         (run,) = study_runs(client, key)
         assert run.info.status == "FINISHED"
         assert run.info.run_name == key
-        assert len(children(client, run.info.run_id)) == size
+        nested = children(client, run.info.run_id)
+        kinds = [r.data.tags["pipeline.kind"] for r in nested]
+        assert kinds.count("trial") == size
+        complete = sum(t.state == TrialState.COMPLETE for t in study.trials)
+        rechecked = min(cfg.recheck.top_k, complete) * cfg.recheck.seeds if cfg.recheck else 0
+        assert kinds.count("recheck") == rechecked and len(nested) == size + rechecked
+        if rechecked:  # the re-check named a winner among the trials
+            assert int(run.data.tags["pipeline.winner_trial"]) in range(size)
         # one cycle of one-epoch half-cycles: two epochs per trial
         assert all(max(t.intermediate_values) <= 2 for t in study.trials)
     assert not any(r.info.status == "RUNNING" for r in all_runs(client))

@@ -34,10 +34,13 @@ def mlflow_runs(tmp_path_factory, empty_mlflow_db):
     env |= {"MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1",  # see one_torch_thread
             "PATH": os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")}
     done = {}
-    for entry, n in (("coarse_search", 3), ("fine_search", 2)):
+    # fine re-checks its 2 trials over 3 seeds itself (studies/fine.yaml); the recheck entry
+    # point then adds a 4th seed for the best of them, in a run of its own.
+    for entry, params in (("coarse_search", ["n_trials=3"]), ("fine_search", ["n_trials=2"]),
+                          ("recheck", ["study=fine", "top_k=1", "seeds=4"])):
         done[entry] = subprocess.run(
             [sys.executable, "-m", "mlflow", "run", str(project), "-e", entry,
-             "--env-manager", "local", "-P", f"n_trials={n}"],
+             "--env-manager", "local", *(a for p in params for a in ("-P", p))],
             cwd=root, env=env, capture_output=True, text=True, timeout=500)
     return project, MlflowClient(tracking_uri=uri), done
 
@@ -53,7 +56,7 @@ def test_the_run_mlflow_run_created_is_the_study_run(mlflow_runs):
     project, client, _ = mlflow_runs
     runs = all_runs(client)
     top = {r.data.tags["mlflow.project.entryPoint"]: r for r in runs if PARENT not in r.data.tags}
-    assert set(top) == {"coarse_search", "fine_search"}  # and no other top-level run
+    assert set(top) == {"coarse_search", "fine_search", "recheck"}  # and no other top-level run
     for entry, key, n in (("coarse_search", "coarse", 3), ("fine_search", "fine", 2)):
         run = top[entry]
         assert run.info.status == "FINISHED"
@@ -64,16 +67,41 @@ def test_the_run_mlflow_run_created_is_the_study_run(mlflow_runs):
         assert run.data.params["study.n_trials"] == str(n)  # ... and the study's, side by side
         study = load(project, key)  # the journal lands in the project's working directory
         assert len(study.trials) == n
-        assert study.user_attrs["mlflow_run_id"] == run.info.run_id
-        nested = children(client, run.info.run_id)
+        latest = top["recheck"] if key == "fine" else run  # the study's latest execution
+        assert study.user_attrs["mlflow_run_id"] == latest.info.run_id
+        nested = [r for r in children(client, run.info.run_id)
+                  if r.data.tags["pipeline.kind"] == "trial"]
         assert sorted(r.info.run_name for r in nested) == [f"{key}-{i:03d}" for i in range(n)]
         for t in study.trials:
             trial_run = client.get_run(t.user_attrs["mlflow_run_id"])
             assert trial_run.data.tags[PARENT] == run.info.run_id
             assert trial_run.info.status == RUN_STATUS[t.state]
         assert "pipeline.best_model_uri" in run.data.tags
-    assert len(runs) == 2 + 3 + 2
+    rechecks = [r for r in runs if r.data.tags.get("pipeline.kind") == "recheck"]
+    assert len(runs) == 3 + 3 + 2 + len(rechecks)
+    assert len(rechecks) == 2 * 3 + 1
     assert not any(r.info.status == "RUNNING" for r in runs)
+
+
+def test_the_recheck_entry_point_nests_its_runs_in_its_own_run(mlflow_runs):
+    project, client, _ = mlflow_runs
+    runs = all_runs(client)
+    top = {r.data.tags["mlflow.project.entryPoint"]: r for r in runs if PARENT not in r.data.tags}
+    fine_run, recheck_run = top["fine_search"], top["recheck"]
+    assert recheck_run.info.status == "FINISHED"
+    assert recheck_run.data.tags["pipeline.kind"] == "study"  # a new execution of the study
+    assert recheck_run.data.tags["pipeline.study"] == "fine"
+    (new,) = children(client, recheck_run.info.run_id)
+    assert new.data.tags["pipeline.kind"] == "recheck" and new.info.status == "FINISHED"
+    assert "pipeline.winner_trial" in fine_run.data.tags  # fine's own re-check: 2 x 3
+    assert len([r for r in children(client, fine_run.info.run_id)
+                if r.data.tags["pipeline.kind"] == "recheck"]) == 6
+    complete = [t for t in load(project, "fine").trials if t.state == TrialState.COMPLETE]
+    best = min(complete, key=lambda t: (-t.value, t.number)).number  # top_k=1: the best trial
+    assert recheck_run.data.tags["pipeline.winner_trial"] == str(best) == \
+        new.data.tags["pipeline.trial_number"]
+    assert recheck_run.data.metrics["n_recheck_runs"] == 4  # the winner's four seeds
+    assert len(load(project, "fine").trials) == 2  # no search trial was run
 
 
 def test_fine_entry_point_narrowed_from_the_coarse_entry_point(mlflow_runs):

@@ -128,6 +128,7 @@ def comparison_section(datas) -> Section:
 
 
 def build_sections(datas, parents) -> list[Section]:
+    from pipeline.report.headline import headline_section
     from pipeline.report.views.registry import view_sections
 
     sections = []
@@ -135,6 +136,8 @@ def build_sections(datas, parents) -> list[Section]:
         sections.append(comparison_section([*parents, *datas]))
     for d in datas:
         prefix = f"{d.key}_" if len(datas) > 1 else ""
+        sections.insert(len([s for s in sections if s.title.startswith("Headline")]),
+                        headline_section(d, prefix))  # the answers first, then the evidence
         sections += study_sections(d, prefix)
         sections += view_sections(d, prefix)  # what the study file asks for (report_views)
     return sections
@@ -143,12 +146,14 @@ def build_sections(datas, parents) -> list[Section]:
 def make_report(client, keys: Sequence[str], out_root: Path, log: bool = True) -> Path:
     """Extract, render, write and (optionally) log the report; returns its folder."""
     from pipeline.report import extract as rd
+    from pipeline.report.headline import load_recheck
     from pipeline.report.views.registry import load_views
     from pipeline.tracking import client as tracking
 
     datas = [rd.extract_study(client, k) for k in keys]
     for d in datas:
         load_views(client, d)
+        load_recheck(client, d)
     parents = []
     for d in datas:
         parent = d.study_params.get("study.parent")

@@ -49,7 +49,8 @@ class StudyData:
     trial_histories: dict[int, pd.DataFrame] = field(default_factory=dict)
     trial_artifacts: dict[int, dict] = field(default_factory=dict)
     """Files of every complete trial that its views need: number -> {file name: content}."""
-    """Every trial's step metrics that its views need (see pipeline.report.views.registry)."""
+    recheck: dict | None = None  # the re-check's verdict (recheck.json), if the study has one
+    recheck_runs: pd.DataFrame | None = None  # its runs: candidate, seed_index, value, test_acc
 
     @property
     def complete(self) -> pd.DataFrame:
@@ -79,7 +80,7 @@ def _experiments(client: MlflowClient) -> list[str]:
     return [e.experiment_id for e in client.search_experiments()]
 
 
-def _search_all(client: MlflowClient, filter_string: str) -> list:
+def search_all(client: MlflowClient, filter_string: str) -> list:
     runs, token = [], None
     exps = _experiments(client)
     while True:
@@ -93,11 +94,11 @@ def _search_all(client: MlflowClient, filter_string: str) -> list:
 
 def find_study_runs(client: MlflowClient, key: str) -> list:
     """The study's execution runs, newest first."""
-    runs = _search_all(client, names.where((names.STUDY, key), (names.KIND, names.KIND_STUDY)))
+    runs = search_all(client, names.where((names.STUDY, key), (names.KIND, names.KIND_STUDY)))
     return sorted(runs, key=lambda r: r.info.start_time or 0, reverse=True)
 
 
-def _json_artifact(client: MlflowClient, run_id: str, path: str):
+def json_artifact(client: MlflowClient, run_id: str, path: str):
     try:
         with tempfile.TemporaryDirectory() as tmp:
             return json.loads(Path(client.download_artifacts(run_id, path, tmp)).read_text())
@@ -170,19 +171,19 @@ def extract_study(client: MlflowClient, key: str, top_n: int = 5) -> StudyData:
     study_runs = find_study_runs(client, key)
     if not study_runs:
         known = sorted({r.data.tags.get(names.STUDY) for r in
-                        _search_all(client, names.where((names.KIND, names.KIND_STUDY)))} - {None})
+                        search_all(client, names.where((names.KIND, names.KIND_STUDY)))} - {None})
         raise ReportError(f"no study {key!r} in the tracking store {client.tracking_uri}. "
                           f"Studies found: {', '.join(known) or 'none'}. Run it first: "
                           f"python -m pipeline.search --study {key}")
     latest = study_runs[0]
-    space = next((s for r in study_runs if (s := _json_artifact(client, r.info.run_id,
+    space = next((s for r in study_runs if (s := json_artifact(client, r.info.run_id,
                                                                  names.SEARCH_SPACE))), {})
-    narrowing = next((n for r in study_runs if (n := _json_artifact(client, r.info.run_id,
+    narrowing = next((n for r in study_runs if (n := json_artifact(client, r.info.run_id,
                                                                      names.NARROWING))), None)
     params = latest.data.params
     metric = params.get("study.metric", "val_acc")
     direction = params.get("study.direction", "maximize")
-    runs = _search_all(client, names.where((names.STUDY, key), (names.KIND, names.KIND_TRIAL)))
+    runs = search_all(client, names.where((names.STUDY, key), (names.KIND, names.KIND_TRIAL)))
     trials = trials_frame(runs, list(space), metric)
     if trials.empty:
         raise ReportError(f"study {key!r} has no trials yet: run python -m pipeline.search "
@@ -250,10 +251,22 @@ def summary_table(data: StudyData) -> dict:
         f"best_{data.metric}": float(best.objective),
         "test_acc_of_best": float(best.test_acc) if pd.notna(best.test_acc) else math.nan,
         "total_seconds": float(t.wall_seconds.sum()),
+        **_recheck_compute(data, float(t.wall_seconds.sum()), float(t.epochs_run.sum())),
         "median_trial_seconds": float(t.wall_seconds.median()),
         "epochs_run": float(t.epochs_run.sum()),
         "epochs_saved_by_pruning": saved,
     }
+
+
+def _recheck_compute(data: StudyData, seconds: float, epochs: float) -> dict:
+    """What the re-check cost, and the study's compute with it (trials + re-check)."""
+    runs = data.recheck_runs
+    if runs is None or runs.empty:
+        return {}
+    extra_s, extra_e = float(runs.train_seconds.sum()), float(runs.epochs.sum())
+    return {"recheck_runs": len(runs), "recheck_seconds": extra_s, "recheck_epochs": extra_e,
+            "compute_seconds_with_recheck": seconds + extra_s,
+            "epochs_with_recheck": epochs + extra_e}
 
 
 def objective_stats(data: StudyData) -> dict:

@@ -35,6 +35,9 @@ class SearchOptions:
     experiment: str | None = None
     studies_dir: str | None = None
     quiet: bool = False
+    recheck_top_k: int | None = None  # override the study file's recheck (python -m ...recheck)
+    recheck_seeds: int | None = None
+    recheck_only: bool = False  # re-check the finished study; run no search trial
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problems:
         print("error: " + "; ".join(problems), file=sys.stderr)
         return EXIT_BAD_INPUT
-    opts = SearchOptions(**{k: v for k, v in vars(args).items()})
+    return run(SearchOptions(**{k: v for k, v in vars(args).items()}))
+
+
+def run(opts: SearchOptions) -> int:
+    """Run a study (or its re-check alone) and turn what can go wrong into an exit code."""
     from pipeline.config import ConfigError
     from pipeline.search.studyfile import load_study
 

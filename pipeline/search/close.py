@@ -11,44 +11,84 @@ from optuna.trial import TrialState
 
 from pipeline import names
 from pipeline.config import TrainConfig
-from pipeline.search import liveness, study_run
+from pipeline.search import liveness, rank, study_run
 from pipeline.search.plan import Plan
-from pipeline.search.summary import summarize
-from pipeline.search.worker import budget_spent
+from pipeline.search.summary import budget_spent, summarize
 from pipeline.tracking import client as tracking
 from pipeline.training import checkpoint
 from pipeline.training.data import splits_for
 
 
-def close_study_run(client, run_id: str, plan: Plan, study, status: str, started: float) -> None:
+def _live(plan: Plan, trials) -> list:
+    """Trials still being trained by a live worker."""
+    running = [t for t in trials if t.state == TrialState.RUNNING]
+    if plan.storage.kind == "rdb":  # heartbeats decide there, at the next start
+        return running
+    return [t for t in running if liveness.is_alive(t.user_attrs.get(liveness.WORKER_ATTR))]
+
+
+def close_study_run(client, run_id: str, plan: Plan, study, status: str, started: float,
+                    stage=None) -> None:
     """The last worker out (of every launcher sharing the run) logs the study's summary and ends
-    its run; the others leave it open. Last: no trial is running and, unless this worker is
-    stopping early (failures, interrupt), the budget or the time is spent."""
+    its run; the others leave it open. Last: no trial is running (search or re-check) and,
+    unless this worker is stopping early (failures, interrupt), the budget or the time is spent
+    and the re-check (``stage``, pipeline.search.recheck) has run every pair."""
     deadline = started + plan.cfg.timeout if plan.cfg.timeout else None
+    stopping = status != "FINISHED"
 
     def done(trials) -> bool:
-        running = [t for t in trials if t.state == TrialState.RUNNING]
-        if plan.storage.kind == "rdb":  # heartbeats decide there, at the next start
-            live = running
-        else:
-            live = [t for t in running
-                    if liveness.is_alive(t.user_attrs.get(liveness.WORKER_ATTR))]
-        return not live and (status != "FINISHED" or budget_spent(trials, plan.n_trials)
-                             or (deadline is not None and time.time() > deadline))
+        if _live(plan, trials):
+            return False
+        if stage is not None:
+            checks = stage.study.get_trials(deepcopy=False)
+            if _live(stage.plan, checks) or not (stopping or stage.ctx.spent(checks, 0)):
+                return False
+        return (stopping or plan.recheck_only or budget_spent(trials, plan.n_trials)
+                or (deadline is not None and time.time() > deadline))
 
     if not study_run.claim_close(plan.storage, study, run_id, done):
         return
     try:
         if status != "KILLED":
-            summary = summarize(study.get_trials(deepcopy=False), plan.cfg.objective.direction)
-            _log_summary(client, run_id, plan, summary)
+            trials = study.get_trials(deepcopy=False)
+            summary = summarize(trials, plan.cfg.objective.direction)
+            verdict = stage.verdict(trials) if stage is not None else None
+            if verdict is not None and verdict["winner"] is not None:
+                summary["recheck"] = verdict
+                _log_verdict(client, run_id, plan, verdict, trials)
+            _log_summary(client, run_id, plan, summary, model=verdict is None
+                         or verdict["winner"] is None)
             if summary["n_complete"] == 0 and summary["n_failed"] > 0:
                 status = "FAILED"
     finally:
         tracking.end_run(client, run_id, status)
 
 
-def _log_summary(client, run_id: str, plan: Plan, summary: dict) -> None:
+def _log_verdict(client, run_id: str, plan: Plan, verdict: dict, trials) -> None:
+    """The re-check's winner on the study run: tag, metrics, the full verdict, and its model."""
+    win = verdict["ranking"][0]
+    metrics = {names.WINNER_VAL_MEAN: win["val_mean"], names.WINNER_VAL_STD: win["val_std"],
+               names.WINNER_TEST_MEAN: win["test_mean"], names.WINNER_TEST_STD: win["test_std"],
+               names.WINNER_VAL_CI_LOW: win["val_ci_low"],
+               names.WINNER_VAL_CI_HIGH: win["val_ci_high"],
+               names.N_RECHECK_RUNS: verdict["n_runs"],
+               names.SELECTION_OPTIMISM: verdict["selection_optimism"],
+               "recheck_seconds": verdict["seconds"], "recheck_epochs": verdict["epochs"]}
+    if diff := verdict.get("difference"):
+        metrics |= {"winner_vs_runner_up": diff["mean"],
+                    "winner_vs_runner_up_ci_low": diff["ci_low"],
+                    "winner_vs_runner_up_ci_high": diff["ci_high"]}
+    tracking.log_metrics(client, run_id, metrics)
+    tracking.set_tags(client, run_id, {names.WINNER_TRIAL: str(verdict["winner"])})
+    tracking.log_artifacts(client, run_id, {names.RECHECK: json.dumps(verdict, indent=2,
+                                                                       default=str)})
+    trial = next(t for t in trials if t.number == verdict["winner"])
+    tracking.log_params(client, run_id, {f"winner.{k}": v for k, v in trial.params.items()})
+    _log_best_model(client, run_id, plan, {"number": trial.number,
+                                           "mlflow_run_id": trial.user_attrs.get("mlflow_run_id")})
+
+
+def _log_summary(client, run_id: str, plan: Plan, summary: dict, model: bool = True) -> None:
     metrics = {"n_complete": summary["n_complete"], "n_pruned": summary["n_pruned"],
                "n_failed": summary["n_failed"]}
     best = summary.get("best")
@@ -57,7 +97,8 @@ def _log_summary(client, run_id: str, plan: Plan, summary: dict) -> None:
         if best.get("test_acc") is not None:
             metrics["test_acc"] = best["test_acc"]
         tracking.log_params(client, run_id, {f"best.{k}": v for k, v in best["params"].items()})
-        _log_best_model(client, run_id, plan, best)
+        if model:  # else the re-check's winner's (_log_verdict)
+            _log_best_model(client, run_id, plan, best)
     tracking.log_metrics(client, run_id, metrics)
     tracking.log_artifacts(client, run_id, {names.SUMMARY: json.dumps(summary, indent=2,
                                                                         default=str)})
@@ -113,7 +154,7 @@ def _log_best_model(client, run_id: str, plan: Plan, best: dict) -> None:
                                        names.BEST_TRIAL_RUN: trial_run})
 
 
-def print_summary(plan: Plan, summary: dict) -> None:
+def print_summary(plan: Plan, summary: dict, verdict: dict | None = None) -> None:
     print(f"\n[{plan.key}] {summary['n_complete']} complete, {summary['n_pruned']} pruned, "
           f"{summary['n_failed']} failed (of {plan.n_trials} requested)")
     best = summary.get("best")
@@ -123,6 +164,11 @@ def print_summary(plan: Plan, summary: dict) -> None:
         print(f"[{plan.key}] best trial {best['number']}: {plan.cfg.objective.metric} "
               f"{best['value']:.4f}" + (f", test_acc {test:.4f}" if test is not None else ""))
         print(f"[{plan.key}] best params: {params}")
+    if verdict and verdict["winner"] is not None:
+        for line in rank.headline(verdict, plan.cfg.objective.metric):
+            print(f"[{plan.key}] {line}")
+        print(f"[{plan.key}] retrain the winner: python -m pipeline.final --study "
+              f"{plan.study_file.stem}")
 
 
 def _fmt(v):

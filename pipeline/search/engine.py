@@ -17,9 +17,17 @@ import optuna
 from pipeline import names
 from pipeline.cli import EXIT_FAILED
 from pipeline.config import ConfigError
-from pipeline.search import create, narrow, objective, storage as storage_mod, transfer, winner
+from pipeline.search import (
+    create,
+    narrow,
+    objective,
+    recheck,
+    storage as storage_mod,
+    transfer,
+    winner,
+)
 from pipeline.search.close import close_study_run, print_summary
-from pipeline.search.plan import Plan, plan_study, source_opts, studies_folder
+from pipeline.search.plan import NO_RECHECK_OVERRIDES, Plan, plan_study, source_opts, studies_folder
 from pipeline.search.processes import run_processes
 from pipeline.search.summary import summarize
 from pipeline.search.worker import fail_stale, run_worker
@@ -72,7 +80,11 @@ def run_study(opts) -> int:
                 f"pipeline.search --study {plan.cfg.source}")
         client = spool.SpoolingClient(tracking.tracking_client())
         source = _resolve_source(plan, opts, client)
+    if plan.recheck_only:
+        _check_recheck_only(plan)
     storage = storage_mod.open_storage(plan.storage)
+    if plan.recheck_only and not create.has_completed_trials(storage, plan.key):
+        raise ConfigError(_nothing_to_recheck(plan))
     narrowing = None
     if plan.parent_key and not create.study_exists(storage, plan.key):
         if opts.smoke and not create.has_completed_trials(storage, plan.parent_key):
@@ -80,7 +92,7 @@ def run_study(opts) -> int:
             print(f"[{plan.key}] parent {plan.parent_key} has no completed trial: "
                   "running it in smoke mode first")
             run_study(replace(opts, study=plan.cfg.parent, n_trials=None,
-                              studies_dir=studies_folder(opts)))
+                              studies_dir=studies_folder(opts), **NO_RECHECK_OVERRIDES))
         narrowing = create.narrow_from_parent(plan, storage)
     client = client or spool.SpoolingClient(tracking.tracking_client())
     # Every check has passed: the trials' MLflow writer starts now, so that its start-up
@@ -104,13 +116,17 @@ def _run_checked(opts, plan: Plan, storage, narrowing, client, source, writer) -
                                            names.SOURCE_RUN: source.trial_run_id})
     ctx = objective.TrialContext(plan.cfg, plan.key, search_space, experiment_id, run_id, plan.seed,
                                  source)
-    status, started = "KILLED", time.time()
+    status, started, stage = "KILLED", time.time(), None
     try:
         try:
-            if opts.workers > 1:
-                broken = run_processes(opts, plan, ctx)
-            else:
-                broken = run_worker(ctx, study, plan, client, quiet=opts.quiet, writer=writer)
+            # A re-check alone (python -m pipeline.recheck) runs no search trial.
+            broken = not plan.recheck_only and _run(opts, plan, ctx, study, client, writer)
+            if not broken and plan.cfg.recheck:
+                stage = recheck.prepare(plan, storage, study, ctx)
+            if stage is not None:
+                print(f"[{plan.key}] re-check: the {len(stage.ctx.candidates)} best trials, "
+                      f"{stage.ctx.seeds} fresh seeds each ({stage.plan.key})", flush=True)
+                broken = _run(opts, stage.plan, stage.ctx, stage.study, client, writer)
         except (tracking.TrackingUnavailable, spool.TrackingLost) as err:  # not bad input now
             raise spool.TrackingLost(f"[{plan.key}] {err}".replace(
                 "--study NAME", f"--study {plan.key}")) from None
@@ -119,10 +135,30 @@ def _run_checked(opts, plan: Plan, storage, narrowing, client, source, writer) -
         broken = broken or (summary["n_complete"] == 0 and summary["n_failed"] > 0)
         status = "FAILED" if broken else "FINISHED"
     finally:
-        close_study_run(client, run_id, plan, study, status, started)
-    print_summary(plan, summary)
+        close_study_run(client, run_id, plan, study, status, started, stage)
+    print_summary(plan, summary, stage and stage.verdict(study.get_trials(deepcopy=False)))
     if broken:
         print(f"[{plan.key}] failed: see the failed trials' error.txt in mlflow ui",
               file=sys.stderr)
         return EXIT_FAILED
     return 0
+
+
+def _run(opts, plan: Plan, ctx, study, client, writer) -> bool:
+    """Run the trials of ``plan`` (a search, or its re-check) in this process or in
+    ``--workers`` processes; True when they stopped because trials kept failing."""
+    if opts.workers > 1:
+        return run_processes(opts, plan, ctx)
+    return run_worker(ctx, study, plan, client, quiet=opts.quiet, writer=writer)
+
+
+def _nothing_to_recheck(plan: Plan) -> str:
+    return (f"study {plan.key!r} has no completed trial in {plan.storage.url} to re-check. Run "
+            f"it first: python -m pipeline.search --study {plan.study_file.stem}"
+            + (f" --dataset {plan.cfg.dataset}" if f"-{plan.cfg.dataset}" in plan.key else ""))
+
+
+def _check_recheck_only(plan: Plan) -> None:
+    """A re-check of a study that never ran is refused before any store is created."""
+    if plan.storage.path and not Path(plan.storage.path).exists():
+        raise ConfigError(_nothing_to_recheck(plan))

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import names
 from pipeline.search import space, transfer
 from pipeline.search.studyfile import StudyConfig
+from pipeline.search.summary import budget_spent
 from pipeline.tracking import client as tracking
 from pipeline.training import artifacts
 from pipeline.training.data import splits_for
@@ -36,6 +37,21 @@ class TrialContext:
     study_run_id: str
     seed: int  # sampler seed; trial seeds derive from it
     source: transfer.Source | None = None  # a transfer study's source, resolved
+
+    def run(self, trial: optuna.Trial, client) -> tuple[optuna.trial.TrialState, float | None]:
+        """One trial of the search (the worker loop calls this)."""
+        return run_trial(self, trial, client)
+
+    def spent(self, trials, n_trials: int) -> bool:
+        """Whether the worker loop should claim no more trials."""
+        return budget_spent(trials, n_trials)
+
+    def claimed(self, study: optuna.Study, trial: optuna.Trial) -> None:
+        """Called under the study lock with each trial a worker claims (nothing to add here)."""
+
+    def plan_of(self, plan):
+        """The plan a spawned worker runs these trials under: the study's own."""
+        return plan
 
 
 def trial_seed(study_seed: int, number: int) -> int:
@@ -108,24 +124,36 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial, client: MlflowClient
     retry_of = trial.storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
     seed = ctx.study.fixed.get("seed", trial_seed(ctx.seed, trial.number if retry_of is None
                                                   else retry_of))
-    run_name = f"{ctx.study_key}-{trial.number:03d}"
     tags = {names.KIND: names.KIND_TRIAL, names.STUDY: ctx.study_key,
             names.TRIAL_NUMBER: str(trial.number)}
     if retry_of is not None:
         tags[names.RETRY_OF] = str(retry_of)
+    return train_logged(ctx, trial, client, f"{ctx.study_key}-{trial.number:03d}", tags, params,
+                        defaults={"seed": seed}, logged={"trial_number": trial.number})
+
+
+def train_logged(ctx: TrialContext, trial: optuna.Trial, client: MlflowClient, run_name: str,
+                 tags: dict, params: dict, defaults: dict | None = None,
+                 overrides: dict | None = None, logged: dict | None = None
+                 ) -> tuple[optuna.trial.TrialState, float | None]:
+    """Train ``params`` (over the study's fixed settings: ``defaults`` below them, ``overrides``
+    above) as an MLflow child run of the study run, in step with ``trial``; returns the state
+    and value to tell the study. ``logged``: extra params of the run."""
     # The writer process makes the run while this one trains; until it exists the run is
     # named by a pending id (writes may already use it).
     run_id = tracking.start_run_later(client, ctx.experiment_id, run_name, ctx.study_run_id,
                                       tags)
     link = _RunLink(trial, client, run_id)
     logger = None
+    logged = logged or {}
     try:
         inherited = transfer.trial_settings(ctx.source,
                                             {**ctx.study.fixed, **params}.get("transfer"))
-        cfg = ctx.study.train_config({"seed": seed, **params, **inherited})
+        cfg = ctx.study.train_config({**(defaults or {}), **params, **inherited,
+                                      **(overrides or {})})
         splits = splits_for(cfg)
         logger = _EpochLogger(client, run_id, trial, ctx.study.objective.metric,
-                              {**params, **cfg.model_dump(), "trial_number": trial.number}, link)
+                              {**params, **cfg.model_dump(), **logged}, link)
         t_train = time.perf_counter()
         try:
             result = train(cfg, splits, on_epoch=logger)
@@ -150,7 +178,7 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial, client: MlflowClient
         if logger is not None:
             logger.flush()
         else:  # failed before training started: still record what was sampled
-            tracking.log_params(client, run_id, {**params, "trial_number": trial.number})
+            tracking.log_params(client, run_id, {**params, **logged})
         trial.set_user_attr("error", text.strip().splitlines()[-1][:500])
         tracking.log_artifacts(client, run_id, {names.ERROR: text})
         tracking.end_run(client, run_id, "FAILED")

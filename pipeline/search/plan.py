@@ -6,10 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pipeline.config import DATASETS, ConfigError
+from pydantic import ValidationError
+
+from pipeline.config import DATASETS, ConfigError, format_problems, validation_problems
 from pipeline.search import storage as storage_mod
 from pipeline.search.studyfile import (
     STUDIES_DIR,
+    RecheckConfig,
     StudyConfig,
     load_study,
     resolve_study_path,
@@ -29,6 +32,7 @@ class Plan:
     parent_key: str | None
     study_file: Path
     source_key: str | None = None  # a transfer study's source (pipeline.search.transfer)
+    recheck_only: bool = False  # re-check the finished study, run no search trial
 
 
 def study_key(name: str, file_dataset: str, dataset: str, smoke: bool) -> str:
@@ -45,6 +49,8 @@ def plan_study(opts) -> Plan:
         if opts.dataset not in DATASETS:
             raise ConfigError(f"--dataset {opts.dataset!r} is not one of {', '.join(DATASETS)}")
         cfg = cfg.model_copy(update={"dataset": opts.dataset})
+    if opts.recheck_only or opts.recheck_top_k is not None or opts.recheck_seeds is not None:
+        cfg = _with_recheck(cfg, opts)
     if opts.smoke:
         cfg = smoke_config(cfg)
     n_trials = cfg.n_trials if opts.smoke or opts.n_trials is None else opts.n_trials
@@ -56,7 +62,21 @@ def plan_study(opts) -> Plan:
     source_key = plan_study(source_opts(opts, cfg)).key if cfg.source else None
     return Plan(cfg, study_key(cfg.name, file_dataset, cfg.dataset, opts.smoke), n_trials, seed,
                 storage_mod.parse_storage(opts.storage), parent_key,
-                resolve_study_path(opts.study, studies_dir or STUDIES_DIR), source_key)
+                resolve_study_path(opts.study, studies_dir or STUDIES_DIR), source_key,
+                opts.recheck_only)
+
+
+def _with_recheck(cfg: StudyConfig, opts) -> StudyConfig:
+    """The study file's ``recheck`` (else the defaults) with the command line's overrides."""
+    given = {k: v for k, v in (("top_k", opts.recheck_top_k), ("seeds", opts.recheck_seeds))
+             if v is not None}
+    values = {**(cfg.recheck or RecheckConfig()).model_dump(), **given}
+    try:
+        return cfg.model_copy(update={"recheck": RecheckConfig(**values)})
+    except ValidationError as err:
+        raise ConfigError(format_problems("re-check options", [
+            "--" + p.replace("_", "-", 1) if p.startswith("top_k") else f"--{p}"
+            for p in validation_problems(err)])) from None
 
 
 def studies_folder(opts) -> str:
@@ -69,4 +89,9 @@ def source_opts(opts, cfg: StudyConfig):
     """The options that run a transfer study's source: its own file, dataset, budget and seed;
     in smoke mode on digits, so that checking a transfer study needs no download."""
     return replace(opts, study=cfg.source, dataset="digits" if opts.smoke else None,
-                   n_trials=None, seed=None, studies_dir=studies_folder(opts))
+                   n_trials=None, seed=None, studies_dir=studies_folder(opts),
+                   **NO_RECHECK_OVERRIDES)
+
+
+# What a study run on another's behalf (a parent, a source) must not inherit.
+NO_RECHECK_OVERRIDES = {"recheck_top_k": None, "recheck_seeds": None, "recheck_only": False}

@@ -28,7 +28,7 @@ def worker_process(opts, ctx) -> None:
 
     # K workers share the machine's cores: without this each starts one thread per core.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // opts.workers))
-    plan = plan_study(opts)
+    plan = ctx.plan_of(plan_study(opts))  # the search's plan, or its re-check's
     storage = storage_mod.open_storage(plan.storage)
     study = optuna.load_study(study_name=plan.key, storage=storage,
                               sampler=make_sampler(plan.cfg.sampler.name, plan.seed,

@@ -68,6 +68,19 @@ class NarrowConfig(FrozenModel):
     """How many of the parent's best configurations seed the fine study."""
 
 
+class RecheckConfig(FrozenModel):
+    """Re-check a study's best trials over fresh seeds before naming a winner
+    (pipeline.search.recheck)."""
+
+    top_k: int = Field(5, ge=1)
+    """Retrain the study's k best completed trials (by the objective; ties: earlier trial)."""
+    seeds: int = Field(3, ge=2)
+    """Each with this many fresh training seeds, the same seeds for every candidate (paired)."""
+    resplit: bool = False
+    """Also draw a new train/validation split per seed (data_seed = the seed); the test split
+    never moves."""
+
+
 class ReportConfig(FrozenModel):
     views: tuple[str, ...] = ()
     """Report views (REPORT_VIEWS; pipeline.report.views.registry) added after the standard
@@ -99,6 +112,8 @@ class StudyConfig(FrozenModel):
     trials start from its weights (pipeline.search.transfer)."""
     report: ReportConfig = ReportConfig()
     """What the report adds for this study (see pipeline.report.views.registry)."""
+    recheck: RecheckConfig | None = None
+    """Re-check the best trials over fresh seeds after the search (off when absent)."""
 
     @field_validator("fixed")
     @classmethod
@@ -267,8 +282,10 @@ def smoke_config(cfg: StudyConfig) -> StudyConfig:
         space["n_per_class"] = searched.model_copy(update={"choices": tuple(capped)})
     if cfg.sampler.name == "grid":  # more trials than points would repeat points
         n_trials = min(n_trials, math.prod(len(s.choices) for s in space.values()))
+    recheck = cfg.recheck and cfg.recheck.model_copy(
+        update={"top_k": min(cfg.recheck.top_k, 2), "seeds": 2})
     return cfg.model_copy(update={"fixed": fixed, "space": space, "n_trials": n_trials,
-                                  "timeout": None})
+                                  "timeout": None, "recheck": recheck})
 
 
 def resolve_study_path(study: str, studies_dir: Path = STUDIES_DIR) -> Path:

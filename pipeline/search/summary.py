@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 from optuna.trial import FrozenTrial, TrialState
 
+from pipeline import names
+
 
 def summarize(trials: Sequence[FrozenTrial], direction: str) -> dict:
     """Counts by state and the best complete trial (chosen on the validation objective)."""
@@ -29,7 +31,9 @@ def summarize(trials: Sequence[FrozenTrial], direction: str) -> dict:
 
 def format_trial_line(trial: FrozenTrial, seconds: float, metric: str) -> str:
     """One line per finished trial: number, params, value, state, seconds."""
-    params = " ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
+    shown = trial.params or {k: trial.user_attrs[k] for k in (names.CANDIDATE, names.SEED_INDEX)
+                             if k in trial.user_attrs}  # a re-check trial: what it retrains
+    params = " ".join(f"{k}={_fmt(v)}" for k, v in shown.items())
     if trial.state == TrialState.COMPLETE:
         value = f"{metric}={trial.value:.4f}"
     elif trial.state == TrialState.PRUNED:
@@ -44,3 +48,15 @@ def format_trial_line(trial: FrozenTrial, seconds: float, metric: str) -> str:
 
 def _fmt(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def budget_spent(trials: Sequence[FrozenTrial], n_trials: int) -> bool:
+    """Whether a study has its ``n_trials``: complete, pruned, running and waiting trials count
+    (failed ones are replaced), and a waiting (enqueued) trial is always run."""
+    counted = [t for t in trials if t.state in (*FINISHED, TrialState.RUNNING,
+                                                TrialState.WAITING)]
+    waiting = any(t.state == TrialState.WAITING for t in counted)
+    return not waiting and len(counted) >= n_trials

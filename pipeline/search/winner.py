@@ -37,6 +37,11 @@ class Winner:
     trial_number: int
     best_val_acc: float
     config: dict  # the trial's resolved TrainConfig (config.json)
+    why: str = ""  # how it was chosen, in words
+
+    @property
+    def rechecked(self) -> bool:
+        return self.why.startswith("re-check")
 
 
 def find_winner(client: MlflowClient, key: str, how_to_run: str) -> Winner:
@@ -50,10 +55,18 @@ def find_winner(client: MlflowClient, key: str, how_to_run: str) -> Winner:
         filter_string=names.where((names.STUDY, key), (names.KIND, names.KIND_STUDY))
         + " and attributes.status = 'FINISHED'")
     for study_run in runs:
-        if names.BEST_TRIAL not in study_run.data.metrics:
+        metrics, tags = study_run.data.metrics, study_run.data.tags
+        if names.BEST_TRIAL not in metrics:
             continue  # an execution that ended with no completed trial
-        number = int(study_run.data.metrics[names.BEST_TRIAL])
-        trial_run_id = study_run.data.tags.get(names.BEST_TRIAL_RUN) or next(
+        number = int(metrics[names.BEST_TRIAL])
+        why = f"the best single trial by validation ({metrics.get(names.BEST_VAL_ACC, 0):.4f})"
+        if names.WINNER_TRIAL in tags:  # re-checked over fresh seeds: the best mean wins
+            number = int(tags[names.WINNER_TRIAL])
+            why = (f"re-checked winner: best mean validation "
+                   f"{metrics.get(names.WINNER_VAL_MEAN, float('nan')):.4f} over "
+                   f"{int(metrics.get(names.N_RECHECK_RUNS, 0))} re-check runs of "
+                   "the best trials")
+        trial_run_id = tags.get(names.BEST_TRIAL_RUN) or next(
             (r.info.run_id for r in client.search_runs(
                 experiments, order_by=["attributes.start_time DESC"], max_results=1,
                 filter_string=names.where((names.STUDY, key), (names.KIND, names.KIND_TRIAL),
@@ -64,7 +77,7 @@ def find_winner(client: MlflowClient, key: str, how_to_run: str) -> Winner:
         trial = client.get_run(trial_run_id)
         return Winner(key, study_run.info.run_id, trial_run_id, number,
                       float(trial.data.metrics.get(names.BEST_VAL_ACC, float("nan"))),
-                      json.loads(_download(client, trial_run_id, names.CONFIG)))
+                      json.loads(_download(client, trial_run_id, names.CONFIG)), why)
     raise NoWinner(f"study {key!r} has no finished run with a completed trial in the tracking "
                    f"store {client.tracking_uri}. Run it first: {how_to_run}")
 

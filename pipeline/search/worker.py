@@ -10,31 +10,33 @@ import warnings
 from optuna.trial import TrialState
 
 from pipeline import gc_policy, interrupt
-from pipeline.search import liveness, objective, stale, storage as storage_mod
+from pipeline.search import liveness, stale, storage as storage_mod
 from pipeline.search.plan import Plan
 from pipeline.search.samplers import make_sampler
-from pipeline.search.summary import format_trial_line
+from pipeline.search.summary import FINISHED, budget_spent, format_trial_line
 from pipeline.tracking.writer import QueuedClient
 
 MAX_CONSECUTIVE_FAILURES = 5
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-def claim_trial(study, plan: Plan, deadline: float | None):
+def claim_trial(study, plan: Plan, deadline: float | None, spent=budget_spent, claimed=None):
     """Take the next trial if the study's budget allows, atomically across processes.
 
-    Budget counts complete, pruned, running and waiting trials (failed ones are replaced).
-    Enqueued (waiting) trials are always taken first.
+    ``spent(trials, n_trials)`` decides; by default the budget counts complete, pruned, running
+    and waiting trials (failed ones are replaced). Enqueued (waiting) trials are taken first.
+    ``claimed(study, trial)`` runs under the same lock, with the trial just taken.
     """
     if deadline is not None and time.time() > deadline:
         return None
     with storage_mod.study_lock(plan.storage, plan.key):
-        if budget_spent(study.get_trials(deepcopy=False), plan.n_trials):
+        if spent(study.get_trials(deepcopy=False), plan.n_trials):
             return None
         with warnings.catch_warnings():  # we beat ourselves (storage.Heartbeat), not optimize()
             warnings.filterwarnings("ignore", "Heartbeat of storage is supposed", UserWarning)
             trial = study.ask()
         trial.set_user_attr(liveness.WORKER_ATTR, liveness.worker_id())  # see fail_stale
+        if claimed is not None:
+            claimed(study, trial)
         return trial
 
 
@@ -51,13 +53,6 @@ def _own_sampler_seed(study, plan: Plan, search_space: dict) -> None:
     if n:
         study.sampler = make_sampler(plan.cfg.sampler.name, plan.seed + n,
                                      plan.cfg.sampler.options, search_space)
-
-
-def budget_spent(trials, n_trials: int) -> bool:
-    counted = [t for t in trials if t.state in (*FINISHED, TrialState.RUNNING,
-                                                TrialState.WAITING)]
-    waiting = any(t.state == TrialState.WAITING for t in counted)
-    return not waiting and len(counted) >= n_trials
 
 
 def run_worker(ctx, study, plan: Plan, client, quiet: bool = False,
@@ -90,10 +85,10 @@ def _run_trials(ctx, study, plan: Plan, client: QueuedClient, quiet: bool) -> bo
     failures, trial = 0, None
     gc_policy.resume_frozen()  # start-up is over (a process started by an entry point)
     try:
-        while (trial := _next_trial(study, plan, client, deadline)) is not None:
+        while (trial := _next_trial(study, plan, client, deadline, ctx)) is not None:
             t0 = time.perf_counter()
             with storage_mod.Heartbeat(study._storage, trial._trial_id):
-                state, value = objective.run_trial(ctx, trial, client)
+                state, value = ctx.run(trial, client)
             frozen = study.tell(trial, value, state=state)
             trial = None
             client.check()  # a write that failed for good stops the worker, with its reason
@@ -120,12 +115,12 @@ def _run_trials(ctx, study, plan: Plan, client: QueuedClient, quiet: bool) -> bo
         bar.close()
 
 
-def _next_trial(study, plan: Plan, client, deadline: float | None):
+def _next_trial(study, plan: Plan, client, deadline: float | None, ctx):
     """claim_trial; and when only trials RUNNING in other workers stand between the study and
     its budget, wait for them: should their worker die, stale.fail_stale fails and requeues
     them (heartbeats, or a process gone on this machine) and this worker runs the retry, so the
     study still reaches n_trials."""
-    while (trial := claim_trial(study, plan, deadline)) is None:
+    while (trial := claim_trial(study, plan, deadline, ctx.spent, ctx.claimed)) is None:
         if (not stale.watched(study.get_trials(deepcopy=False), plan.storage)
                 or (deadline is not None and time.time() > deadline)):
             return None
