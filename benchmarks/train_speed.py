@@ -159,7 +159,7 @@ def main(argv=None) -> int:
                         "(default: 3600)")
     args = parser.parse_args(argv)
 
-    from pipeline.tracking import client as tracking
+    from pipeline.tracking import client as tracking, context
     from pipeline.tracking.writer import QueuedClient
     from pipeline.training.data import load_splits
 
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
         tracking.check_store(client)  # creates the schema: seconds, once
         # As `python -m pipeline.train` and the search log: writes in a child process.
         client = QueuedClient(client)
-        experiment_id = tracking.resolve_experiment(client, "train-speed-benchmark")
+        experiment_id = context.resolve_experiment(client, "train-speed-benchmark")
 
         # Warm-up, untimed: first-call costs (allocator, lazy imports, SQLite pages).
         plain_loop(splits, 1, args.seed)

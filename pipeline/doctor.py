@@ -15,7 +15,8 @@ and several runs for one trial.
 left RUNNING as their trial ended, and marks runs that no trial points at with the tag
 ``pipeline.orphan`` (ending them KILLED if RUNNING). It never deletes anything and never
 touches a finished run's status or a trial's result. Exit codes: 0 healthy, 1 problems remain,
-2 bad input (unknown study, storage or tracking store unreachable).
+2 bad input (unknown study, storage or tracking store unreachable or missing: the doctor
+never makes a store).
 """
 
 from __future__ import annotations
@@ -70,8 +71,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise storage_mod.StorageError(
                 f"--study {args.study!r}: no such study in {spec.url}; studies there: "
                 f"{', '.join(names) or 'none'}")
-        client = tracking.tracking_client()
-        tracking.check_store(client)
+        # The study ran: its store must be here; the doctor never makes one (nor, without
+        # --repair, changes one).
+        client = tracking.reading_client("Run the doctor where the study ran, or set "
+                                         "MLFLOW_TRACKING_URI to the store it ran with.")
+        if args.repair:
+            client = tracking.tracking_client()
     except (storage_mod.StorageError, tracking.TrackingUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

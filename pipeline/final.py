@@ -69,11 +69,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         study = load_study(args.study)
         dataset = args.dataset or study.dataset
         key = study_key(study.name, study.dataset, dataset, args.smoke)
-        client = tracking.tracking_client()
-        tracking.check_store(client)
         how = " ".join(["python -m pipeline.search --study", args.study,
                         *(["--dataset", dataset] if args.dataset else []),
                         *(["--smoke"] if args.smoke else [])])
+        # Read first: a store that does not exist is not created (it holds no winner).
+        client = tracking.reading_client(f"Study {key!r} never ran here. Run it first: {how}")
         best = winner.find_winner(client, key, how)
         cfg = final_config(best.config, args.length_factor)
         if cfg.pretrained and not Path(cfg.pretrained).is_file():
@@ -113,7 +113,7 @@ def _start_final_run(client, key: str, best) -> str:
     the run it made (pointed at the study run the same way)."""
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    from pipeline.tracking import client as tracking
+    from pipeline.tracking import client as tracking, context
 
     experiment_id = (os.environ.get("MLFLOW_EXPERIMENT_ID")
                      or client.get_run(best.study_run_id).info.experiment_id)
@@ -122,8 +122,8 @@ def _start_final_run(client, key: str, best) -> str:
             names.FINAL_TRIAL_RUN: best.trial_run_id,
             names.DATASET: best.config.get("dataset", ""),
             MLFLOW_PARENT_RUN_ID: best.study_run_id}
-    return tracking.start_run(client, experiment_id, f"{key}-final", tags=tags,
-                              adopt_env_run=True)
+    return tracking.start_run(client, experiment_id, f"{key}-final",
+                              tags=context.with_context(tags), adopt_env_run=True)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Imports that cost seconds wait until the arguments are known to be sound.
-    from pipeline.tracking import client as tracking
+    from pipeline.tracking import client as tracking, context
     from pipeline.tracking.training_run import train_and_log
     from pipeline.tracking.writer import QueuedClient
     from pipeline.training.data import DatasetNotFound, splits_for
@@ -80,10 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
-    experiment_id = tracking.resolve_experiment(client, args.experiment)
+    experiment_id = context.resolve_experiment(client, args.experiment, cfg.dataset)
     name = args.run_name or f"{cfg.dataset}-{cfg.arch}-d{cfg.depth}w{cfg.width}-s{cfg.seed}"
     run_id = tracking.start_run(client, experiment_id, name, adopt_env_run=True,
-                                tags={names.KIND: names.KIND_TRAIN, names.DATASET: cfg.dataset})
+                                tags=context.with_context({names.KIND: names.KIND_TRAIN,
+                                                           names.DATASET: cfg.dataset}))
     params = cfg.model_dump()
     if os.environ.get("MLFLOW_RUN_ID") == run_id:
         # `mlflow run` logged its -P values as typed ("1e-4"); MLflow refuses to change a logged

@@ -19,6 +19,8 @@ Each trial is one literal row, so every number a report shows is known by constr
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import fcntl
 import io
 import json
@@ -383,6 +385,19 @@ IMAGES_JS = """Promise.all(Array.from(document.images, i => i.decode().catch(() 
                                            width: i.naturalWidth, height: i.naturalHeight})))"""
 
 
+# The page's widths (a horizontal overflow makes scrollWidth exceed clientWidth) and whether each
+# in-page link (href="#id") finds its element.
+LAYOUT_JS = """(() => {
+  const root = document.documentElement;
+  const links = Array.from(document.querySelectorAll('a[href^="#"]'), a => {
+    const id = decodeURIComponent(a.getAttribute('href').slice(1));
+    return {href: a.getAttribute('href'), found: document.getElementById(id) !== null};
+  });
+  return {scrollWidth: root.scrollWidth, clientWidth: root.clientWidth,
+          innerWidth: window.innerWidth, bodyScrollWidth: document.body.scrollWidth, links};
+})()"""
+
+
 @dataclass
 class PageCheck:
     title: str
@@ -452,29 +467,70 @@ class HeadlessChromium:
         msg, self._buf = self._buf.split(b"\0", 1)
         return json.loads(msg)
 
-    def check_page(self, url: str) -> PageCheck:
-        """Open ``url`` in a new tab, wait for the load event and every image's decoding, and
-        return the images' natural sizes and every error the page produced."""
+    @contextlib.contextmanager
+    def tab(self, url: str, width: int | None = None, height: int = 900,
+            media: str | None = None):
+        """A new tab showing ``url`` (load event fired); yields its session id. ``width``: the
+        viewport in CSS pixels at device scale 1, scrollbars hidden (default: the browser's
+        own); ``media``: emulated CSS media type, e.g. "print"."""
         target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
         session = self.send("Target.attachToTarget", {"targetId": target,
                                                        "flatten": True})["sessionId"]
         try:
             for domain in ("Runtime", "Log", "Page"):
                 self.send(f"{domain}.enable", session=session)
+            if width is not None:
+                self.send("Emulation.setDeviceMetricsOverride", {
+                    "width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+                    session=session)
+                # No scrollbar takes a strip off the page: its whole width is the window's.
+                self.send("Emulation.setScrollbarsHidden", {"hidden": True}, session=session)
+            if media is not None:
+                self.send("Emulation.setEmulatedMedia", {"media": media}, session=session)
             nav = self.send("Page.navigate", {"url": url}, session=session)
             if nav.get("errorText"):
                 raise AssertionError(f"navigation to {url} failed: {nav['errorText']}")
             self.wait_event("Page.loadEventFired", session)
-            images = self.send("Runtime.evaluate", {"expression": IMAGES_JS, "awaitPromise": True,
-                                                    "returnByValue": True},
-                               session=session)["result"]["value"]
-            title = self.send("Runtime.evaluate", {"expression": "document.title",
-                                                   "returnByValue": True},
-                              session=session)["result"]["value"]
+            yield session
         finally:
             self.send("Target.closeTarget", {"targetId": target})
+
+    def evaluate(self, session: str, expression: str):
+        """The value of a JavaScript expression in the tab (a promise is awaited)."""
+        reply = self.send("Runtime.evaluate", {"expression": expression, "awaitPromise": True,
+                                               "returnByValue": True}, session=session)
+        if "exceptionDetails" in reply:
+            raise AssertionError(f"{expression}: {reply['exceptionDetails']}")
+        return reply["result"].get("value")
+
+    def check_page(self, url: str) -> PageCheck:
+        """Open ``url`` in a new tab, wait for the load event and every image's decoding, and
+        return the images' natural sizes and every error the page produced."""
+        with self.tab(url) as session:
+            images = self.evaluate(session, IMAGES_JS)
+            title = self.evaluate(session, "document.title")
         return PageCheck(title, images, _page_errors(
             [e for e in self.events if e.get("sessionId") == session]))
+
+    def layout(self, url: str, width: int = 1280, height: int = 900,
+               media: str | None = None, expression: str = LAYOUT_JS) -> dict:
+        """``expression`` (by default the page's widths and its in-page links) evaluated once the
+        page is laid out in a ``width`` x ``height`` viewport and its images decoded."""
+        with self.tab(url, width, height, media) as session:
+            self.evaluate(session, IMAGES_JS)
+            return self.evaluate(session, expression)
+
+    def screenshot(self, url: str, width: int = 1280, height: int = 2000) -> bytes:
+        """A PNG of the page laid out ``width`` CSS pixels wide: as wide as the document's
+        content (so wider than ``width`` when something overflows), ``height`` pixels tall."""
+        with self.tab(url, width, height) as session:
+            self.evaluate(session, IMAGES_JS)
+            size = self.send("Page.getLayoutMetrics", session=session)["cssContentSize"]
+            clip = {"x": 0, "y": 0, "width": size["width"],
+                    "height": min(size["height"], height), "scale": 1}
+            shot = self.send("Page.captureScreenshot", {
+                "format": "png", "clip": clip, "captureBeyondViewport": True}, session=session)
+        return base64.b64decode(shot["data"])
 
     def close(self) -> None:
         try:

@@ -198,3 +198,91 @@ def test_mlproject_parameter_n_trials_negative(tmp_path, empty_mlflow_db):
     runs = MlflowClient(uri).search_runs(["0"])
     assert [(r.info.status, r.data.tags["mlflow.project.entryPoint"]) for r in runs] == [
         ("FAILED", "coarse_search")]
+
+
+# -- study files that cannot be read as text ------------------------------------------------------
+
+
+def _no_permission(path: Path) -> None:
+    path.write_text(study())
+    path.chmod(0)
+
+
+def _drop_file_permission_override() -> None:
+    """In the child, before it starts: take CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH out of the
+    capability bounding set (prctl PR_CAPBSET_DROP), so that root, too, is refused a file it has
+    no read permission on, by the kernel's own permission check."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+# name: (how the file at PATH (bad.yaml) is made; what the message must say).
+UNREADABLE = {
+    "binary file": (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" + bytes(range(256))),
+                    ["is binary, not text", "is it the right file?"]),
+    "UTF-16 text": (lambda p: p.write_bytes(study().encode("utf-16")),
+                    ["is UTF-16 text", "save it as UTF-8"]),
+    "Latin-1 text": (lambda p: p.write_bytes("name: bad\ndescription: café\n".encode("latin-1")),
+                     ["is not UTF-8 text", "line 2", "save it as UTF-8"]),
+    "truncated download": (lambda p: p.write_bytes(
+        ("name: bad\ndescription: " + "naïve " * 3).encode()[:-4]),
+        ["ends in the middle of a character", "line 2", "cut short"]),
+    "control character": (lambda p: p.write_text("name: bad\ndescription: a\x07b\n"),
+                          ["control character #x07 at line 2, column 15", "remove it"]),
+    "folder": (lambda p: p.mkdir(), ["is a folder, not a study file"]),
+    "broken symbolic link": (lambda p: p.symlink_to(p.with_name("gone.yaml")),
+                             ["is a symbolic link to", "gone.yaml, which does not exist"]),
+    "no read permission": (_no_permission, ["cannot be read: permission denied", "chmod u+r"]),
+}
+
+
+@pytest.fixture(scope="module")
+def unreadable(tmp_path_factory):
+    """Each case in its own folder, two at a time: (exit code, stdout, stderr, listing before,
+    listing after); None for the permission case when it cannot be provoked here."""
+    jobs, results, running = list(UNREADABLE), {}, {}
+    while jobs or running:
+        while jobs and len(running) < 2:
+            case = jobs.pop(0)
+            folder = tmp_path_factory.mktemp("unreadable")
+            UNREADABLE[case][0](folder / "bad.yaml")
+            preexec = None
+            if case == "no read permission" and os.geteuid() == 0:
+                try:  # probe: can this process drop the override at all?
+                    subprocess.run([sys.executable, "-c", ""], check=True,
+                                   preexec_fn=_drop_file_permission_override)
+                except (OSError, subprocess.SubprocessError):
+                    results[case] = None
+                    continue
+                preexec = _drop_file_permission_override
+            before = listing(folder)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.search", "--study", str(folder / "bad.yaml"),
+                 "--quiet"], cwd=folder, env=env_for(case), stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True, preexec_fn=preexec)
+            running[case] = (proc, before, folder)
+        if running:
+            case = next(iter(running))
+            proc, before, folder = running.pop(case)
+            out, err = proc.communicate(timeout=600)
+            results[case] = (proc.returncode, out, err, before, listing(folder))
+    return results
+
+
+@pytest.mark.parametrize("case", list(UNREADABLE))
+def test_an_unreadable_study_file_exits_2_with_one_message_and_creates_nothing(unreadable, case):
+    if unreadable[case] is None:
+        pytest.skip("running as root without CAP_SETPCAP: a file without read permission "
+                    "is still readable here")
+    code, out, err, before, after = unreadable[case]
+    assert code == 2, f"exit {code}\nstdout:\n{out}\nstderr:\n{err}"
+    assert err.startswith("error: study file ") and "bad.yaml" in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err  # one line
+    for words in UNREADABLE[case][1]:
+        assert words in err, f"{words!r} not in:\n{err}"
+    assert after == before
+    assert out == ""

@@ -272,7 +272,8 @@ def test_a_recheck_worker_killed_mid_run_is_redone_once_without_duplicates(tmp_p
 
 
 def _wait_mid_recheck(folder: Path, proc) -> int:
-    """The number of a re-check trial in its training loop (an epoch reported, not the last)."""
+    """The number of a re-check trial in its training loop (an epoch reported, not the last) whose
+    run is made (the writer process makes it while the trial trains)."""
     import time
 
     deadline = time.monotonic() + HANG
@@ -285,7 +286,7 @@ def _wait_mid_recheck(folder: Path, proc) -> int:
             time.sleep(0.05)
             continue
         running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                   if 0 < len(t.intermediate_values) < 15]
+                   if 0 < len(t.intermediate_values) < 15 and "mlflow_run_id" in t.user_attrs]
         if running:
             return running[0].number
         time.sleep(0.05)

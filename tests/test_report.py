@@ -1,7 +1,9 @@
 """Report stage: extraction checked number by number on literal synthetic studies written straight
 into a tracking store (report_fixtures.py), the CLI end to end (every file, every image valid, the
-CSVs' numbers, the folder logged to MLflow), comparison, the error cases, the atomic rewrite, a
-report on a real smoke search, and the page opened in a real headless Chromium.
+CSVs' numbers, the folder logged to MLflow), comparison, the page as a report (title, contents,
+indexless formatted tables, self-contained), the error cases, the atomic rewrite, a report on a
+real smoke search, and the page opened in a real headless Chromium (at 1280 px: no horizontal
+overflow, links resolve, figures fit; print styles).
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ import re
 import shutil
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta, timezone
+from html.parser import HTMLParser
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -100,6 +105,76 @@ def assert_complete_report(folder: Path) -> list[str]:
     for ref in re.findall(r"\(`([^`]+\.csv)`\)", md):
         assert (folder / ref).is_file(), ref
     return names
+
+
+class PageParts(HTMLParser):
+    """What the tests read of a page: its title, ids, links, section headings, the contents list,
+    image sources and tables (each a list of rows of (tag, class, text) cells)."""
+
+    def __init__(self, page: str):
+        super().__init__()
+        self.title = self.h1 = ""
+        self.ids: list[str] = []
+        self.links: list[tuple[str, str]] = []  # (href, text)
+        self.contents: list[tuple[str, str]] = []  # the nav's links
+        self.h2: list[tuple[str | None, str]] = []  # (id, text)
+        self.srcs: list[str] = []
+        self.tables: list[list[list[tuple[str, str, str]]]] = []
+        self._open: list[tuple[str, dict, list[str]]] = []  # elements whose text is collected
+        self._nav = False
+        self.feed(page)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if "id" in a:
+            self.ids.append(a["id"])
+        if tag == "img":
+            self.srcs.append(a.get("src", ""))
+        elif tag == "nav":
+            self._nav = True
+        elif tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        if tag in ("title", "h1", "h2", "a", "th", "td"):
+            self._open.append((tag, a, []))
+
+    def handle_data(self, data):
+        for _, _, text in self._open:
+            text.append(data)
+
+    def handle_endtag(self, tag):
+        if tag == "nav":
+            self._nav = False
+        if not self._open or self._open[-1][0] != tag:
+            return
+        _, a, parts = self._open.pop()
+        text = "".join(parts).strip()
+        if tag in ("title", "h1"):
+            setattr(self, tag, text)
+        elif tag == "h2":
+            self.h2.append((a.get("id"), text))
+        elif tag == "a":
+            self.links.append((a["href"], text))
+            if self._nav:
+                self.contents.append((a["href"], text))
+        else:
+            self.tables[-1][-1].append((tag, a.get("class", ""), text))
+
+
+def page_parts(folder: Path) -> PageParts:
+    return PageParts((folder / "index.html").read_text())
+
+
+def table_with_header(page: PageParts, first: str) -> list[list[tuple[str, str, str]]]:
+    (table,) = [t for t in page.tables if t[0][0][2] == first]
+    return table
+
+
+MD_CONTENTS = re.compile(r"^\d+\. \[(.+)\]\((#[^)]+)\)$", re.M)
+TITLE = re.compile(r"Study report: syn-fine on digits, (\d{4}-\d\d-\d\d \d\d:\d\d) UTC")
+NUMBER = re.compile(r"-?[\d,]+(\.\d+)?(e[-+]\d+)?")
 
 
 def expected_summary(trials: list[SynTrial]) -> dict[str, float]:
@@ -288,7 +363,7 @@ def test_cli_writes_a_complete_report(fine_report):
                                                                   folder.iterdir()}
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no leftovers
     page = (folder / "index.html").read_text()
-    assert "<title>Study report: syn-fine</title>" in page and page.count("<table") == 4
+    assert TITLE.search(page) and page.count("<table") == 4
 
 
 def test_cli_tables_hold_the_constructed_numbers(fine_report):
@@ -358,6 +433,167 @@ def test_cli_compares_two_studies(synthetic_store, tmp_path):
     studies = {read_summary(p)["study"] for p in folder.glob("*.csv")
                if pd.read_csv(p).columns.tolist() == ["Unnamed: 0", "value"]}
     assert studies == {"syn-coarse", "syn-fine"}
+    # Both studies in the title; both headlines before the contents, which lists every section.
+    page = page_parts(folder)
+    assert re.fullmatch(r"Study report: syn-coarse vs syn-fine on digits, \S+ \S+ UTC",
+                        page.title)
+    assert [t for _, t in page.contents] == [
+        "Headline: syn-coarse", "Headline: syn-fine", "Studies side by side",
+        "Study syn-coarse", "Figures: syn-coarse", "Study syn-fine", "Figures: syn-fine"]
+    assert [(h, t) for t, h in MD_CONTENTS.findall(md)] == page.contents
+    assert md.index("## Headline: syn-fine") < md.index("**Contents**") < md.index(
+        "## Studies side by side")
+
+
+# -- the page reads as a report: title, contents, formatted tables ------------------------------
+
+
+def test_title_names_the_study_its_dataset_and_the_date(fine_report):
+    _, folder = fine_report
+    page = page_parts(folder)
+    made = datetime.strptime(TITLE.fullmatch(page.title).group(1), "%Y-%m-%d %H:%M")
+    now = datetime.now(UTC).replace(tzinfo=None)
+    assert now - timedelta(hours=1) < made <= now  # UTC, to the minute, when the report was made
+    assert page.h1 == page.title
+    assert (folder / "report.md").read_text().splitlines()[0] == f"# {page.title}"
+
+
+def test_report_title_in_utc_with_every_study_and_dataset():
+    made = datetime(2024, 3, 1, 23, 30, 59, tzinfo=timezone(timedelta(hours=-2)))
+    a, b, c = (SimpleNamespace(key=k, study_params={"study.dataset": d})
+               for k, d in (("a", "digits"), ("b", "mnist"), ("c", "digits")))
+    assert report.report_title([a, b, c], made) == \
+        "Study report: a vs b vs c on digits, mnist, 2024-03-02 01:30 UTC"
+    assert report.report_title([SimpleNamespace(key="old", study_params={})], made) == \
+        "Study report: old, 2024-03-02 01:30 UTC"  # a run that logged no dataset
+
+
+def test_contents_links_resolve_and_markdown_has_the_same_list(fine_report):
+    _, folder = fine_report
+    page = page_parts(folder)
+    md = (folder / "report.md").read_text()
+    assert len(page.ids) == len(set(page.ids))
+    assert all(href.startswith("#") for href, _ in page.links)  # nothing outside the page
+    assert {href[1:] for href, _ in page.links} <= set(page.ids)
+    sections = [(f"#{i}", t) for i, t in page.h2 if i is not None]  # all but "Contents"
+    assert page.contents == sections == [
+        ("#headline-syn-fine", "Headline: syn-fine"),
+        ("#studies-side-by-side", "Studies side by side"),
+        ("#study-syn-fine", "Study syn-fine"), ("#figures-syn-fine", "Figures: syn-fine")]
+    assert [h for h, _ in page.links].count("#top") == len(sections)  # back to top after each
+    assert "top" in page.ids
+    # report.md: the same list, its anchors the ones GitHub derives from the headings.
+    assert [(h, t) for t, h in MD_CONTENTS.findall(md)] == page.contents
+    assert re.findall(r"^## (.+)$", md, re.M) == [t for _, t in sections]
+    assert [f"#{render.slug(t)}" for _, t in sections] == [h for h, _ in sections]
+    # The headline first (the answer), then the contents, then the evidence, in both.
+    text = (folder / "index.html").read_text()
+    assert md.index("## Headline: syn-fine") < md.index("**Contents**") < md.index(
+        "## Studies side by side")
+    assert text.index("<h2 id='headline-syn-fine'>") < text.index("<nav") < text.index(
+        "<h2 id='studies-side-by-side'>")
+
+
+def test_page_tables_have_no_positional_index_and_readable_numbers(fine_report):
+    _, folder = fine_report
+    page = page_parts(folder)
+    for table in page.tables:
+        first_column = [row[0][2] for row in table[1:]]
+        assert first_column != [str(i) for i in range(len(first_column))], table[0]
+        for tag, cls, text in (cell for row in table[1:] for cell in row if cell[2]):
+            assert cls == ("num" if NUMBER.fullmatch(text) else "text"), (tag, cls, text)
+    # The summary: its index (the field names) as row headers, numbers formatted for reading;
+    # its CSV keeps them raw.
+    summary = table_with_header(page, "")
+    assert [c[2] for c in summary[0]] == ["", "value"]
+    shown = {row[0][2]: row[1][2] for row in summary[1:]}
+    assert all(row[0][:2] == ("th", "text") for row in summary[1:])
+    assert list(shown) == list(read_summary(folder / "summary.csv"))
+    assert (shown["best_val_acc"], shown["test_acc_of_best"], shown["trials"]) == (
+        "0.98", "0.975", "6")
+    assert (shown["total_seconds"], shown["median_trial_seconds"]) == ("18.0", "3.0")
+    assert shown["epochs_saved_by_pruning"] == "5.0" and shown["parent"] == "syn-coarse"
+    # Top trials: no index column, the baseline's accuracy to 4 significant digits.
+    top = table_with_header(page, "number")
+    csv = pd.read_csv(folder / "top_trials.csv")
+    assert len(top) == len(csv) + 1 and [c[2] for c in top[0]][:6] == ["number", *SPACE]
+    assert top[1][0] == ("td", "num", "4") and top[-1][0][2].startswith("baseline: ")
+    assert [c[2] for c in top[1]][3:6] == ["180", "3", "relu"]  # width, cycles: whole numbers
+    raw = csv.objective.iloc[-1]
+    assert len(repr(raw)) > 8 and top[-1][csv.columns.get_loc("objective")][2] == f"{raw:.4g}"
+    # The comparison: quartiles to 4 significant digits on the page, full precision in the CSV.
+    comparison = table_with_header(page, "study")
+    q75 = [c[2] for c in comparison[0]].index("q75")
+    assert comparison[2][q75][2] == f"{np.quantile([0.975, 0.96, 0.94, 0.98], 0.75):.4g}"
+    assert pd.read_csv(folder / "comparison.csv").q75[1] == np.quantile(
+        [0.975, 0.96, 0.94, 0.98], 0.75)
+
+
+def test_page_is_one_self_contained_file(fine_report):
+    _, folder = fine_report
+    text = (folder / "index.html").read_text()
+    page = PageParts(text)
+    assert page.srcs and all(s.startswith("data:image/png;base64,") for s in page.srcs)
+    for external in ("<link", "<script", "@import", "url(", "http://", "https://", "@font-face"):
+        assert external not in text, external
+    assert "@media print" in text
+
+
+@pytest.mark.parametrize("value, shown", [
+    (None, ""), (float("nan"), ""), (pd.NA, ""), (np.float64("nan"), ""),
+    (0, "0"), (7, "7"), (np.int64(123456), "123,456"), (True, "True"),
+    (0.98263888888, "0.9826"), (0.5, "0.5"), (1.2e-05, "1.2e-05"), (0.0, "0"),  # below 1
+    (1.0, "1.0"), (29.04, "29.0"), (3.0, "3.0"), (999.9, "999.9"),  # seconds, epochs: 1 decimal
+    (999.96, "1,000"), (12345.6, "12,346"), (-2500.0, "-2,500"),  # large: thousands
+    ("relu", "relu"), ("[1e-05, 0.1] (log)", "[1e-05, 0.1] (log)"),
+])
+def test_format_value_is_one_rule_by_magnitude(value, shown):
+    assert render.format_value(value) == shown
+
+
+def test_tables_drop_a_positional_index_keep_a_meaningful_one_and_align_numbers():
+    df = pd.DataFrame({"trial": [3, 12], "val_acc": [0.98263888888, 0.5],
+                       "train_seconds": [29.04, 1234.6], "n_params": [123456, 7],
+                       "note": ["a|b", None]})
+    assert render.markdown_table(df).splitlines() == [
+        "| trial | val_acc | train_seconds | n_params | note |",
+        "|---:|---:|---:|---:|:---|",
+        "| 3 | 0.9826 | 29.0 | 123,456 | a\\|b |",
+        "| 12 | 0.5 | 1,235 | 7 |  |"]
+    sorted_df = df.sort_values("val_acc")  # an integer index left over from sorting: dropped too
+    assert render.markdown_table(sorted_df).splitlines()[0] == render.markdown_table(
+        df).splitlines()[0]
+    (table,) = PageParts(render.html_table(df)).tables
+    assert table == [
+        [("th", "num", "trial"), ("th", "num", "val_acc"), ("th", "num", "train_seconds"),
+         ("th", "num", "n_params"), ("th", "text", "note")],
+        [("td", "num", "3"), ("td", "num", "0.9826"), ("td", "num", "29.0"),
+         ("td", "num", "123,456"), ("td", "text", "a|b")],
+        [("td", "num", "12"), ("td", "num", "0.5"), ("td", "num", "1,235"), ("td", "num", "7"),
+         ("td", "text", "")]]
+    summary = pd.DataFrame([{"study": "s", "best_val_acc": 0.98263888888, "trials": 1200}]).T
+    summary = summary.rename(columns={0: "value"})  # as build.py makes it: the index is the field
+    assert render.markdown_table(summary).splitlines() == [
+        "|  | value |", "|:---|:---|", "| study | s |", "| best_val_acc | 0.9826 |",
+        "| trials | 1,200 |"]
+    (table,) = PageParts(render.html_table(summary)).tables
+    assert table[1:] == [[("th", "text", "study"), ("td", "text", "s")],
+                         [("th", "text", "best_val_acc"), ("td", "num", "0.9826")],
+                         [("th", "text", "trials"), ("td", "num", "1,200")]]
+    # An integer column made float by a missing value (the baseline row) stays whole numbers.
+    gained_nan = pd.DataFrame({"width": [180.0, float("nan")], "seconds": [29.0, 1.5]})
+    assert render.markdown_table(gained_nan).splitlines()[2:] == ["| 180 | 29.0 |", "|  | 1.5 |"]
+    named = pd.DataFrame({"acc": [0.9, 0.8]}, index=pd.Index([1e-5, 0.1], name="lr"))
+    assert render.markdown_table(named).splitlines()[:3] == ["| lr | acc |", "|---:|---:|",
+                                                             "| 1e-05 | 0.9 |"]
+
+
+def test_section_anchors_are_stable_and_unique():
+    sections = [render.Section(t) for t in ("Headline: fine", "Study fine", "Study fine", "Top",
+                                            "View batch_size", "λ vs η (log)", "!!!")]
+    assert render.anchors(sections) == ["headline-fine", "study-fine", "study-fine-1", "top-1",
+                                        "view-batch_size", "λ-vs-η-log", "section"]
+    assert render.anchors(sections) == render.anchors(list(sections))
 
 
 # -- error cases: a message, exit code 2, no traceback, nothing written ------------------------
@@ -538,7 +774,7 @@ def test_report_on_a_real_smoke_search(tmp_path, empty_mlflow_db):
 def test_report_page_in_headless_chromium(fine_report, chromium):
     _, folder = fine_report
     page = chromium.check_page((folder / "index.html").resolve().as_uri())
-    assert page.title == "Study report: syn-fine"
+    assert TITLE.fullmatch(page.title), page.title
     assert page.errors == []
     figures = re.findall(r"!\[([^\]]+)\]", (folder / "report.md").read_text())
     assert [i["alt"] for i in page.images] == figures
@@ -567,3 +803,92 @@ def _tiny_png() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (3, 2), "red").save(buf, format="PNG")
     return buf.getvalue()
+
+
+FIGURES_JS = """Array.from(document.images, i => ({
+  width: i.clientWidth, natural: i.naturalWidth,
+  room: i.closest("figure").parentElement.clientWidth, maxWidth: getComputedStyle(i).maxWidth,
+  caption: i.closest('figure').querySelector('figcaption') !== null}))"""
+
+PRINT_JS = """({
+  back: Array.from(document.querySelectorAll('.back-to-top'), e => getComputedStyle(e).display),
+  keep: Array.from(document.querySelectorAll('figure, .table-wrap'),
+                   e => getComputedStyle(e).breakInside),
+  background: getComputedStyle(document.body).backgroundColor})"""
+
+
+def png_width(data: bytes) -> int:
+    with Image.open(io.BytesIO(data)) as img:
+        return img.width
+
+
+def test_report_page_fits_1280_px_in_chromium(fine_report, chromium):
+    """Laid out 1280 px wide: nothing wider than the window (wide tables scroll in their own
+    box), every contents and back-to-top link finds its element, every figure at most the
+    content width (one CSS rule, never enlarged) with its caption."""
+    _, folder = fine_report
+    url = (folder / "index.html").resolve().as_uri()
+    layout = chromium.layout(url, 1280)
+    assert layout["innerWidth"] == layout["clientWidth"] == 1280
+    assert layout["scrollWidth"] <= layout["clientWidth"], layout
+    assert layout["bodyScrollWidth"] <= layout["clientWidth"], layout
+    assert len(layout["links"]) == 2 * 4 and all(link["found"] for link in layout["links"]), \
+        layout["links"]
+    assert png_width(chromium.screenshot(url, 1280)) == 1280
+    figures = chromium.layout(url, 1280, expression=FIGURES_JS)
+    assert len(figures) == 1 + len(STUDY_FIGURES)
+    for f in figures:
+        assert f["maxWidth"] == "100%" and f["caption"], f
+        assert 0 < f["width"] <= min(f["room"], f["natural"]) + 0.5, f
+
+
+def test_report_page_prints_cleanly(fine_report, chromium):
+    """Print: no back-to-top links, figures and tables kept whole on a page, white background."""
+    _, folder = fine_report
+    url = (folder / "index.html").resolve().as_uri()
+    printed = chromium.layout(url, 1280, media="print", expression=PRINT_JS)
+    assert printed["back"] and set(printed["back"]) == {"none"}
+    assert len(printed["keep"]) == 4 + 1 + len(STUDY_FIGURES)
+    assert set(printed["keep"]) == {"avoid"}
+    assert printed["background"] == "rgb(255, 255, 255)"
+    screen = chromium.layout(url, 1280, expression=PRINT_JS)
+    assert set(screen["back"]) == {"block"}
+
+
+def test_the_width_check_sees_a_page_that_overflows(fine_report, chromium, tmp_path):
+    """The same report with one element 3000 px wide added: the layout check and the
+    screenshot both see the overflow (so the checks above mean something)."""
+    _, folder = fine_report
+    page = (folder / "index.html").read_text()
+    wide = tmp_path / "wide.html"
+    wide.write_text(page.replace("</main>", "<div style='width:3000px;height:20px'></div></main>"))
+    layout = chromium.layout(wide.as_uri(), 1280)
+    assert layout["scrollWidth"] > layout["clientWidth"], layout
+    assert layout["scrollWidth"] >= 3000
+    assert png_width(chromium.screenshot(wide.as_uri(), 1280)) >= 3000
+
+
+def test_wide_tables_long_words_and_big_figures_stay_inside_1280_px(chromium, tmp_path):
+    """A page built to overflow: a 400-character ID in the title, text and caption, a table of
+    40 long columns, a figure 3000 px wide. The page still fits; the table scrolls in its box."""
+    long_id = "run-" + "0123456789abcdef" * 25
+    wide = pd.DataFrame({f"column_{i}_with_a_long_name": [long_id[:60], 0.123456789]
+                         for i in range(40)})
+    buf = io.BytesIO()
+    Image.new("RGB", (3000, 200), "white").save(buf, format="PNG")
+    sections = [render.Section(f"Runs {long_id}", f"Run {long_id} was the best.",
+                               [("wide", wide)],
+                               [("big.png", f"A figure of {long_id}", buf.getvalue())])]
+    page = tmp_path / "stress.html"
+    page.write_text(render.render_html(f"Study report: {long_id}", sections))
+    layout = chromium.layout(page.as_uri(), 1280)
+    assert layout["scrollWidth"] <= layout["clientWidth"], layout
+    assert all(link["found"] for link in layout["links"])
+    boxes = chromium.layout(page.as_uri(), 1280, expression="""(() => {
+      const w = document.querySelector('.table-wrap'), i = document.images[0];
+      return {wrapScroll: w.scrollWidth, wrapClient: w.clientWidth,
+              overflowX: getComputedStyle(w).overflowX, img: i.getBoundingClientRect().width,
+              main: document.querySelector('main').clientWidth}; })()""")
+    assert boxes["overflowX"] == "auto" and boxes["wrapScroll"] > boxes["wrapClient"], boxes
+    assert boxes["img"] <= boxes["main"] < 1280, boxes
+    assert png_width(chromium.screenshot(page.as_uri(), 1280)) == 1280

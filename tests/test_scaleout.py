@@ -126,6 +126,12 @@ def test_workers_on_many_machines_share_a_postgres_study_and_a_tracking_server(
     assert {r.info.experiment_id for r in client.search_runs(
         [e.experiment_id for e in client.search_experiments()])} == {
         client.get_experiment_by_name("scaleout").experiment_id}
+    # optuna-dashboard users follow each trial to its run page on the server
+    exp_id = client.get_experiment_by_name("scaleout").experiment_id
+    for t in study.trials:
+        assert t.user_attrs["mlflow_run_url"] == (
+            f"{mlflow_server.uri}/#/experiments/{exp_id}/runs/{t.user_attrs['mlflow_run_id']}"
+            "?workflowType=machine_learning")
     # the server stored the artifacts in its own destination, not in the workers' folder
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlartifacts").exists()
     assert any(p.name == "state_dict.pt" for p in mlflow_server.artifacts.rglob("*"))

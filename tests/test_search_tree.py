@@ -96,7 +96,9 @@ def trial_pairs(client, studies):
 
 def test_one_study_run_per_study_and_every_other_run_nested_under_one(client, study_run, studies):
     runs = all_runs(client)
-    assert len(runs) == 2 + N_COARSE + N_FINE
+    n_rechecks = int(study_run["fine"].data.metrics["n_recheck_runs"])  # studies/fine.yaml's
+    assert n_rechecks == 5 * 3  # its 5 best trials over 3 fresh seeds
+    assert len(runs) == 2 + N_COARSE + N_FINE + n_rechecks
     top = [r for r in runs if PARENT not in r.data.tags]
     assert {r.info.run_id for r in top} == {r.info.run_id for r in study_run.values()}
     for key, run in study_run.items():
@@ -104,7 +106,8 @@ def test_one_study_run_per_study_and_every_other_run_nested_under_one(client, st
         assert run.info.status == "FINISHED"
         assert run.data.tags["pipeline.kind"] == "study"
         assert run.data.tags["pipeline.study"] == key
-        assert len(children(client, run.info.run_id)) == len(studies[key].trials)
+        assert len(children(client, run.info.run_id)) == len(studies[key].trials) + (
+            n_rechecks if key == "fine" else 0)
         assert studies[key].user_attrs["mlflow_run_id"] == run.info.run_id
     assert study_run["fine"].data.tags["pipeline.parent_study"] == "coarse"
     assert study_run["coarse"].data.tags["pipeline.parent_study"] == ""
@@ -249,7 +252,8 @@ def test_best_model_loads_and_predicts_like_the_best_trial(client, study_run, di
             assert tuple(model(digits.x_test[:1]).shape) == (1, 10)
         assert tuple(out.shape) == (len(digits.y_test), 10)
         accuracy = (out.argmax(1) == digits.y_test).float().mean().item()
-        assert accuracy == pytest.approx(run.data.metrics["test_acc"])
+        model_run = client.get_run(run.data.tags["pipeline.best_trial_run"])  # with a re-check:
+        assert accuracy == pytest.approx(model_run.data.metrics["test_acc"])  # the winner's
 
 
 # -- narrowing ------------------------------------------------------------------------------------
@@ -381,7 +385,11 @@ def test_mlflow_ui_lists_study_runs_with_their_trials_nested(ui, api, studies, s
     status, page = _get(f"{ui}/")
     assert status == 200 and "<html" in page.lower()
     (exp,) = [e for e in _post(f"{ui}/{api}/2.0/mlflow/experiments/search",
-                               {"max_results": 100})["experiments"] if e["name"] == "Default"]
+                               {"max_results": 100})["experiments"]
+              if e["name"] == "pipeline-digits"]  # a named experiment, one per dataset
+    # tagged as a model-training experiment, the kind the UI opens on training runs
+    assert {t["key"]: t["value"] for t in exp["tags"]}["mlflow.experimentKind"] == \
+        "custom_model_development"
     runs = _post(f"{ui}/{api}/2.0/mlflow/runs/search",
                  {"experiment_ids": [exp["experiment_id"]], "max_results": 1000})["runs"]
     tags = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"].get("tags", [])}
@@ -392,12 +400,29 @@ def test_mlflow_ui_lists_study_runs_with_their_trials_nested(ui, api, studies, s
     for key, run in study_run.items():
         sid = run.info.run_id
         assert tags[sid]["pipeline.kind"] == "study"
-        nested = sorted(names[i] for i, t in tags.items() if t.get(PARENT) == sid)
+        nested = sorted(names[i] for i, t in tags.items()
+                        if t.get(PARENT) == sid and t["pipeline.kind"] == "trial")
         assert nested == [f"{key}-{t.number:03d}" for t in studies[key].trials]
-    assert len(runs) == 2 + N_COARSE + N_FINE
+    rechecks = [i for i, t in tags.items() if t["pipeline.kind"] == "recheck"]
+    assert len(rechecks) == int(study_run["fine"].data.metrics["n_recheck_runs"]) > 0
+    assert len(runs) == 2 + N_COARSE + N_FINE + len(rechecks)
+    for r in runs:  # where each run came from, as MLflow's fluent API would have said
+        t = tags[r["info"]["run_id"]]
+        assert t["mlflow.source.type"] == "LOCAL" and t["mlflow.user"]
+        assert t["mlflow.source.name"].endswith("__main__.py") or "pipeline" in \
+            t["mlflow.source.name"]
+        assert len(t["mlflow.source.git.commit"]) == 40
+        if t["pipeline.kind"] in ("trial", "recheck"):  # the Dataset column
+            inputs = r["inputs"]["dataset_inputs"]
+            contexts = {i["tags"][0]["value"]: i["dataset"] for i in inputs}
+            assert set(contexts) == {"training", "validation", "testing"}
+            assert contexts["training"]["name"] == "digits-train"
+            assert len(contexts["training"]["digest"]) == 16
+            profile = json.loads(contexts["validation"]["profile"])
+            assert profile["num_rows"] == 288  # digits: 20 % of the 1,437 training images
     # a trial's runs are found by the same filter the UI uses to expand a parent
     sid = study_run["fine"].info.run_id
     found = _post(f"{ui}/{api}/2.0/mlflow/runs/search", {
         "experiment_ids": [exp["experiment_id"]],
         "filter": f"tags.mlflow.parentRunId = '{sid}'"})["runs"]
-    assert len(found) == N_FINE
+    assert len(found) == N_FINE + len(rechecks)

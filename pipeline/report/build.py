@@ -6,6 +6,7 @@ import multiprocessing
 import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -127,6 +128,12 @@ def comparison_section(datas) -> Section:
     return sec
 
 
+def headlines(sections: list[Section]) -> int:
+    """How many sections open the report with its answers (headline.py's, first by design);
+    the contents list comes after them, before the evidence."""
+    return sum(s.title.startswith("Headline") for s in sections)
+
+
 def build_sections(datas, parents) -> list[Section]:
     from pipeline.report.headline import headline_section
     from pipeline.report.views.registry import view_sections
@@ -136,15 +143,26 @@ def build_sections(datas, parents) -> list[Section]:
         sections.append(comparison_section([*parents, *datas]))
     for d in datas:
         prefix = f"{d.key}_" if len(datas) > 1 else ""
-        sections.insert(len([s for s in sections if s.title.startswith("Headline")]),
+        sections.insert(headlines(sections),
                         headline_section(d, prefix))  # the answers first, then the evidence
         sections += study_sections(d, prefix)
         sections += view_sections(d, prefix)  # what the study file asks for (report_views)
     return sections
 
 
-def make_report(client, keys: Sequence[str], out_root: Path, log: bool = True) -> Path:
-    """Extract, render, write and (optionally) log the report; returns its folder."""
+def report_title(datas, made: datetime | None = None) -> str:
+    """The studies, their dataset and when the report was made (UTC, to the minute)."""
+    made = (made or datetime.now(UTC)).astimezone(UTC)
+    datasets = [x for x in dict.fromkeys(d.study_params.get("study.dataset") for d in datas) if x]
+    on = f" on {', '.join(datasets)}" if datasets else ""
+    return (f"Study report: {' vs '.join(d.key for d in datas)}{on}, "
+            f"{made:%Y-%m-%d %H:%M} UTC")
+
+
+def make_report(client, keys: Sequence[str], out_root: Path, log: bool = True,
+                made: datetime | None = None) -> Path:
+    """Extract, render, write and (optionally) log the report; returns its folder. ``made``:
+    the date in its title (default: now)."""
     from pipeline.report import extract as rd
     from pipeline.report.headline import load_recheck
     from pipeline.report.views.registry import load_views
@@ -163,8 +181,9 @@ def make_report(client, keys: Sequence[str], out_root: Path, log: bool = True) -
             except rd.ReportError:
                 pass  # the parent's runs were deleted: report the child alone
     name = keys[0] if len(keys) == 1 else "-vs-".join(keys)
-    title = f"Study report: {name}"
-    out = write_report(Path(out_root) / name, title, build_sections(datas, parents))
+    sections = build_sections(datas, parents)
+    out = write_report(Path(out_root) / name, report_title(datas, made), sections,
+                       headlines(sections))
     if log:
         client.log_artifacts(datas[-1].study_run_id, str(out), "report")
         tracking.set_tags(client, datas[-1].study_run_id, {names.REPORT: str(out.resolve())})

@@ -33,9 +33,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     keys = [k.strip() for k in args.study if k.strip()]
-    try:
-        client = tracking.tracking_client()
-        tracking.check_store(client)
+    if not keys:
+        print("error: --study: give a study name (see python -m pipeline.report -h)",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:  # a store that does not exist is not created: it holds no study to report
+        client = tracking.reading_client("Run the study first: python -m pipeline.search "
+                                         f"--study {keys[0]}")
         out = make_report(client, keys, Path(args.out), log=not args.no_log)
     except (ReportError, tracking.TrackingUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -5,6 +5,7 @@ enqueued) and its MLflow study run."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import optuna
 from optuna.trial import TrialState
@@ -15,7 +16,7 @@ from pipeline.search import narrow, space as space_mod, storage as storage_mod, 
 from pipeline.search.plan import Plan
 from pipeline.search.samplers import make_pruner, make_sampler
 from pipeline.search.studyfile import STUDIES_DIR, StudyConfig, load_study
-from pipeline.tracking import client as tracking
+from pipeline.tracking import client as tracking, context
 
 
 def study_exists(storage, key: str) -> bool:
@@ -92,6 +93,9 @@ def create_or_load(plan: Plan, storage, narrowing):
                 attrs["narrowing"] = {k: v for k, v in narrowing.items() if k != "space"}
             for k, v in attrs.items():
                 study.set_user_attr(k, v)
+            with warnings.catch_warnings():  # experimental in Optuna; the dashboard shows it
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names([cfg.objective.metric])
             for seed_params in (narrowing or {}).get("seeds", [])[:plan.n_trials]:
                 study.enqueue_trial(seed_params, user_attrs={"seeded_from": plan.parent_key})
     return study, search_space
@@ -114,9 +118,10 @@ def start_study_run(client, experiment_id, plan: Plan, study, search_space) -> s
     cfg = plan.cfg
     run_id, created = study_run.open_run(
         client, experiment_id, plan.storage, study, plan.key,
-        tags={names.KIND: names.KIND_STUDY, names.STUDY: plan.key,
-              names.PARENT_STUDY: plan.parent_key or "",
-              names.OPTUNA_STORAGE: plan.storage.url, names.DATASET: cfg.dataset})
+        tags=context.with_context({
+            names.KIND: names.KIND_STUDY, names.STUDY: plan.key,
+            names.PARENT_STUDY: plan.parent_key or "", names.OPTUNA_STORAGE: plan.storage.url,
+            names.DATASET: cfg.dataset}))
     if not created:
         return run_id
     # Namespaced: `mlflow run` has already logged the entry point's own parameters here.

@@ -31,7 +31,7 @@ from pipeline.search.plan import NO_RECHECK_OVERRIDES, Plan, plan_study, source_
 from pipeline.search.processes import run_processes
 from pipeline.search.summary import summarize
 from pipeline.search.worker import fail_stale, run_worker
-from pipeline.tracking import client as tracking, spool
+from pipeline.tracking import client as tracking, context, spool
 from pipeline.tracking.writer import QueuedClient
 from pipeline.training.data import DatasetNotFound, load_splits
 
@@ -64,6 +64,8 @@ def run_study(opts) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own line per trial instead
     plan = plan_study(opts)
+    if plan.recheck_only:  # before the dataset is loaded: nothing to do, nothing to fetch
+        _check_recheck_only(plan)
     if (plan.parent_key and not opts.smoke and plan.storage.path
             and not Path(plan.storage.path).exists()):
         raise narrow.NarrowingError(create.run_parent_first(plan))
@@ -80,8 +82,6 @@ def run_study(opts) -> int:
                 f"pipeline.search --study {plan.cfg.source}")
         client = spool.SpoolingClient(tracking.tracking_client())
         source = _resolve_source(plan, opts, client)
-    if plan.recheck_only:
-        _check_recheck_only(plan)
     storage = storage_mod.open_storage(plan.storage)
     if plan.recheck_only and not create.has_completed_trials(storage, plan.key):
         raise ConfigError(_nothing_to_recheck(plan))
@@ -109,7 +109,7 @@ def _run_checked(opts, plan: Plan, storage, narrowing, client, source, writer) -
     """run_study after every check: create or resume the study and its run, run the trials."""
     study, search_space = create.create_or_load(plan, storage, narrowing)
     fail_stale(study, plan, client)
-    experiment_id = tracking.resolve_experiment(client, opts.experiment)
+    experiment_id = context.resolve_experiment(client, opts.experiment, plan.cfg.dataset)
     run_id = create.start_study_run(client, experiment_id, plan, study, search_space)
     if source is not None:
         tracking.set_tags(client, run_id, {names.SOURCE_STUDY: source.study_key,
@@ -137,6 +137,8 @@ def _run_checked(opts, plan: Plan, storage, narrowing, client, source, writer) -
     finally:
         close_study_run(client, run_id, plan, study, status, started, stage)
     print_summary(plan, summary, stage and stage.verdict(study.get_trials(deepcopy=False)))
+    print(f"[{plan.key}] runs in MLflow: "
+          f"{context.runs_link(client.tracking_uri, experiment_id)}")
     if broken:
         print(f"[{plan.key}] failed: see the failed trials' error.txt in mlflow ui",
               file=sys.stderr)

@@ -20,7 +20,7 @@ from pipeline import names
 from pipeline.search import space, transfer
 from pipeline.search.studyfile import StudyConfig
 from pipeline.search.summary import budget_spent
-from pipeline.tracking import client as tracking
+from pipeline.tracking import client as tracking, context
 from pipeline.training import artifacts
 from pipeline.training.data import splits_for
 from pipeline.training.trainer import EpochRecord, train
@@ -66,8 +66,9 @@ class _RunLink:
     found by its tags (stale.py, doctor.py); a store that is away stops the study when the trial
     ends, with the run's creation and writes kept in the spool."""
 
-    def __init__(self, trial: optuna.Trial, client, pending: str):
+    def __init__(self, trial: optuna.Trial, client, pending: str, experiment_id: str):
         self.trial, self.client, self.pending = trial, client, pending
+        self.experiment_id = experiment_id
         self.done = False
 
     def record(self, wait: bool) -> None:
@@ -80,6 +81,8 @@ class _RunLink:
                     f"the MLflow run of trial {self.trial.number} could not be created")
             return
         self.trial.set_user_attr("mlflow_run_id", run_id)
+        if url := context.server_run_link(self.client.tracking_uri, self.experiment_id, run_id):
+            self.trial.set_user_attr("mlflow_run_url", url)  # optuna-dashboard shows it
         self.done = True
 
 
@@ -142,8 +145,8 @@ def train_logged(ctx: TrialContext, trial: optuna.Trial, client: MlflowClient, r
     # The writer process makes the run while this one trains; until it exists the run is
     # named by a pending id (writes may already use it).
     run_id = tracking.start_run_later(client, ctx.experiment_id, run_name, ctx.study_run_id,
-                                      tags)
-    link = _RunLink(trial, client, run_id)
+                                      {**context.context_tags(), **tags})
+    link = _RunLink(trial, client, run_id, ctx.experiment_id)
     logger = None
     logged = logged or {}
     try:
@@ -152,6 +155,7 @@ def train_logged(ctx: TrialContext, trial: optuna.Trial, client: MlflowClient, r
         cfg = ctx.study.train_config({**(defaults or {}), **params, **inherited,
                                       **(overrides or {})})
         splits = splits_for(cfg)
+        client.log_inputs(run_id, context.dataset_inputs(splits, cfg))
         logger = _EpochLogger(client, run_id, trial, ctx.study.objective.metric,
                               {**params, **cfg.model_dump(), **logged}, link)
         t_train = time.perf_counter()

@@ -189,7 +189,9 @@ _thread_locks: dict[str, threading.Lock] = {}
 def study_lock(spec: StorageSpec, study_name: str):
     """Serialise "count trials, then take one" across processes so totals stay exact.
 
-    Files get an flock next to them; PostgreSQL an advisory lock; memory a thread lock.
+    Files get an flock on their folder (so no lock file is left behind, and opening a storage
+    to read creates nothing); PostgreSQL an advisory lock; memory a thread lock. Not nested:
+    a second lock on the same storage from the same process would wait for the first.
     """
     if spec.kind == "memory":
         with _thread_locks.setdefault(study_name, threading.Lock()):
@@ -198,13 +200,12 @@ def study_lock(spec: StorageSpec, study_name: str):
     if spec.kind == "rdb" and spec.path is None:
         yield from _advisory_lock(spec.url, study_name)
         return
-    lock_path = f"{spec.path}.claims.lock"  # one per storage file: claims are brief
-    with open(lock_path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    fd = os.open(Path(spec.path).resolve().parent, os.O_RDONLY)  # claims are brief
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _advisory_lock(url: str, study_name: str):

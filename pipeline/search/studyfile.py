@@ -7,8 +7,11 @@ created in a store.
 
 from __future__ import annotations
 
+import codecs
 import inspect
 import math
+import os
+import stat
 from pathlib import Path
 from typing import Any, Literal
 
@@ -299,18 +302,12 @@ def resolve_study_path(study: str, studies_dir: Path = STUDIES_DIR) -> Path:
 def load_study(study: str, studies_dir: Path | None = None) -> StudyConfig:
     """Load and validate a study file, raising one ConfigError that lists every problem."""
     path = resolve_study_path(study, studies_dir or STUDIES_DIR)
-    studies_dir = studies_dir or (path.parent if path.parent.is_dir() else STUDIES_DIR)
+    studies_dir = studies_dir or (path.parent if _is_dir(path.parent) else STUDIES_DIR)
     where = f"study file {path}"
-    if not path.is_file():
-        available = sorted(p.stem for p in (studies_dir).glob("*.yaml"))
-        raise ConfigError(f"{where}: not found. Available studies: "
-                          f"{', '.join(available) or 'none'}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{where}: not valid YAML: {' '.join(str(err).split())}") from None
+    raw = _parse_yaml(_read_text(path, where, studies_dir), where)
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping of keys (name, dataset, space, ...)")
+    raw = {k if isinstance(k, str) else str(k): v for k, v in raw.items()}  # `1:` is a key too
     try:
         cfg, problems = StudyConfig(**raw), []
     except ValidationError as err:
@@ -320,6 +317,73 @@ def load_study(study: str, studies_dir: Path | None = None) -> StudyConfig:
     if problems:
         raise ConfigError(format_problems(where, problems))
     return cfg
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):  # a name too long, a NUL character
+        return False
+
+
+def _read_text(path: Path, where: str, studies_dir: Path) -> str:
+    """The file's text, or a ConfigError naming the file, what is wrong and the fix: every way
+    reading it can fail (missing, a folder, a broken link, no permission, not a regular file,
+    an I/O error, bytes that are not UTF-8 text)."""
+    try:
+        mode = path.stat().st_mode
+        data = path.read_bytes() if stat.S_ISREG(mode) else b""
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        if path.is_symlink():
+            raise ConfigError(f"{where}: is a symbolic link to {os.readlink(path)}, which does "
+                              "not exist; point it at a study file, or give the file") from None
+        available = sorted(p.stem for p in studies_dir.glob("*.yaml") if p.is_file())
+        raise ConfigError(f"{where}: not found. Available studies: "
+                          f"{', '.join(available) or 'none'}") from None
+    except PermissionError:
+        raise ConfigError(f"{where}: cannot be read: permission denied; give yourself read "
+                          f"permission (chmod u+r {path}), or copy the file") from None
+    except OSError as err:
+        raise ConfigError(f"{where}: cannot be read: {err.strerror or err}") from None
+    if stat.S_ISDIR(mode):
+        raise ConfigError(f"{where}: is a folder, not a study file; give a YAML file "
+                          "(studies/NAME.yaml, or a name under studies/)")
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f"{where}: is not a regular file (a device, pipe or socket); give a "
+                          "YAML study file")
+    head = data[:2048]  # UTF-16: a byte-order mark, or ASCII text with a NUL every other byte
+    nuls = sorted(head[i::2].count(0) / max(len(head[i::2]), 1) for i in (0, 1))
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or (
+            nuls[0] == 0 and nuls[1] > 0.9 and len(head) > 8):
+        raise ConfigError(f"{where}: is UTF-16 text; save it as UTF-8")
+    if b"\0" in data:
+        raise ConfigError(f"{where}: is binary, not text; is it the right file?")
+    data = data.removeprefix(codecs.BOM_UTF8)  # as some editors save UTF-8: harmless
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - data.rfind(b"\n", 0, err.start)
+        if err.reason == "unexpected end of data":
+            raise ConfigError(f"{where}: ends in the middle of a character (line {line}): was it "
+                              "cut short (an interrupted download or copy)?") from None
+        raise ConfigError(f"{where}: is not UTF-8 text (byte 0x{data[err.start]:02x} at line "
+                          f"{line}, column {column}); save it as UTF-8") from None
+
+
+def _parse_yaml(text: str, where: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.reader.ReaderError as err:  # a control character
+        line = text.count("\n", 0, err.position) + 1
+        column = err.position - text.rfind("\n", 0, err.position)
+        raise ConfigError(f"{where}: contains the control character #x{err.character:02x} at "
+                          f"line {line}, column {column}, which YAML does not allow; remove it"
+                          ) from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML: {' '.join(str(err).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply to read as YAML") from None
 
 
 def _without_invalid_entries(raw: dict, err: ValidationError) -> StudyConfig | None:

@@ -34,14 +34,20 @@ class TrackingUnavailable(RuntimeError):
     """The tracking store cannot be reached or used; the message names the URI and the fix."""
 
 
+class StoreMissing(TrackingUnavailable):
+    """The tracking store does not exist yet, so it holds no run: a command that only reads
+    stops here rather than create it."""
+
+
 def tracking_client() -> MlflowClient:
-    """A client on the standard URI resolution (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."""
+    """A client on the standard URI resolution (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db),
+    for writing: a SQLite store is created when missing, and put in WAL mode."""
     import mlflow
 
     uri = mlflow.get_tracking_uri()
     if not uri.startswith("sqlite:"):
         return MlflowClient()
-    _sqlite_wal()  # before the client opens its first connection
+    _sqlite_wal(switch=True)  # before the client opens its first connection
     # Making a client makes a new store's tables: launchers started together on one machine
     # raced there ("table ... already exists"). The first makes them, the others wait. The
     # lock is on the store's folder, so no lock file is left behind.
@@ -56,21 +62,28 @@ def tracking_client() -> MlflowClient:
         os.close(fd)  # releases the lock
 
 
+_WAL = {"switch": False}  # True once a writing client was made in this process
+
+
 def _set_wal(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
+    if _WAL["switch"]:  # a store's journal mode is written in its file: never by a reader
+        cursor.execute("PRAGMA journal_mode=WAL")
+    if cursor.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+        cursor.execute("PRAGMA synchronous=NORMAL")  # this connection only
     cursor.close()
 
 
-def _sqlite_wal() -> None:
+def _sqlite_wal(switch: bool) -> None:
     """SQLite in write-ahead-log mode with synchronous=NORMAL: each MLflow write stops waiting
     for a disk sync (a committed transaction survives a killed process; only a power cut can
     lose the last ones), and readers such as `mlflow ui` no longer block writers. Registered
-    when a client is made, never at import."""
+    when a client is made, never at import; ``switch``: a writing client, which may switch a
+    store to WAL mode (a reading one only uses WAL mode where the store is in it)."""
     import sqlalchemy
     from sqlalchemy.engine import Engine
 
+    _WAL["switch"] = _WAL["switch"] or switch
     if not sqlalchemy.event.contains(Engine, "connect", _set_wal_if_sqlite):
         sqlalchemy.event.listen(Engine, "connect", _set_wal_if_sqlite)
 
@@ -112,39 +125,87 @@ def check_store(client: MlflowClient) -> None:
 
 
 def check_uri() -> bool:
-    """check_store before anything exists: a SQLite store whose file is not there yet is not
-    created here (making a client creates it), only its folder is checked, so that a later
-    bad-input error leaves nothing behind; any other store is probed. False: the store does not
-    exist yet (and so holds no run)."""
+    """check_store before anything exists: a SQLite store whose file is not there yet (or holds
+    no MLflow tables yet) is not created here, only its folder is checked, so that a later
+    bad-input error leaves nothing behind; an existing store is probed without being changed
+    (reading_client); any other store is probed. False: the store does not exist yet (and so
+    holds no run)."""
     import mlflow
 
     uri = mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:"):
-        path = uri.split(":///", 1)[1] if ":///" in uri else ""
-        if path and not Path(path).exists():
-            if not Path(path).resolve().parent.is_dir():
-                raise TrackingUnavailable(
-                    f"cannot use the MLflow tracking store {uri!r}: folder "
-                    f"{Path(path).resolve().parent} does not exist. Create it, or unset "
-                    "MLFLOW_TRACKING_URI to use ./mlflow.db.")
-            return False
-    check_store(tracking_client())
+    path = _sqlite_path(uri)
+    if path is not None and not path.resolve().parent.is_dir():
+        raise TrackingUnavailable(
+            f"cannot use the MLflow tracking store {uri!r}: folder {path.resolve().parent} does "
+            "not exist. Create it, or unset MLFLOW_TRACKING_URI to use ./mlflow.db.")
+    if _missing(uri):
+        return False
+    reading_client()
     return True
 
 
-def resolve_experiment(client: MlflowClient, name: str | None = None) -> str:
-    """The experiment id: MLFLOW_EXPERIMENT_ID (set by `mlflow run`), else `name`, else
-    MLFLOW_EXPERIMENT_NAME, else MLflow's Default experiment."""
-    if exp_id := os.environ.get("MLFLOW_EXPERIMENT_ID"):
-        return exp_id
-    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "Default"
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name)
-    except Exception:  # another worker created it between our two calls
-        return client.get_experiment_by_name(name).experiment_id
+def reading_client(hint: str = "") -> MlflowClient:
+    """A client for a command that only reads (the report, the doctor, the final run's checks;
+    the search's checks, through check_uri): the store must exist already, and nothing is made
+    or changed to open it (no file, no tables, not even a SQLite store's journal mode). Raises
+    StoreMissing, whose message ends with ``hint`` (what to run first), or TrackingUnavailable.
+    Its writes (the report's artifacts, a final run) go to the store as it is."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    why = _missing(uri)
+    if why:
+        raise StoreMissing(f"the MLflow tracking store {uri!r} does not exist ({why}): nothing "
+                           "has been logged there yet. " + (hint or "Run the study first, or "
+                           "set MLFLOW_TRACKING_URI to the store it ran with."))
+    if _sqlite_path(uri) is not None:
+        _sqlite_wal(switch=False)
+    client = MlflowClient(uri)
+    check_store(client)
+    return client
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The file of a SQLite store (sqlite:///PATH), or None (another store, or in memory)."""
+    if not uri.startswith("sqlite:") or ":///" not in uri:
+        return None
+    path = uri.split(":///", 1)[1].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" and not path.startswith("file:") else None
+
+
+def _missing(uri: str) -> str | None:
+    """Why the store does not exist yet, read without creating or changing anything; None
+    when it exists (a server or database is taken to exist: its client is probed). A SQLite
+    file that is empty or holds no MLflow tables holds no run either."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme == "file" or not parsed.scheme and uri != "databricks":  # a folder store
+        folder = Path(parsed.path if parsed.scheme else uri)
+        return None if folder.exists() else f"{folder} is missing"
+    path = _sqlite_path(uri)
+    if path is None:
+        return None
+    if not path.exists():
+        return f"{path} is missing"
+    if not path.is_file():
+        raise TrackingUnavailable(f"cannot use the MLflow tracking store {uri!r}: {path} is "
+                                  "not a file")
+    if path.stat().st_size == 0:
+        return f"{path} is empty"
+    import sqlite3
+
+    try:  # mode=rw: SQLite must not create the file, even if it went away meanwhile
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True)
+        try:
+            tables = {row[0] for row in con.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            con.close()
+    except sqlite3.Error as err:
+        raise TrackingUnavailable(f"cannot use the MLflow tracking store {uri!r}: {path}: "
+                                  f"{err}. Is it an MLflow store?") from None
+    return None if {"experiments", "runs"} <= tables else f"{path} holds no MLflow tables"
 
 
 def start_run(client: MlflowClient, experiment_id: str, name: str, parent_id: str | None = None,

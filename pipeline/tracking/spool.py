@@ -29,7 +29,7 @@ from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
 
-from pipeline.tracking import client as tracking
+from pipeline.tracking import client as tracking, context
 
 RETRY_SECONDS = 30.0
 MAX_DELAY = 8.0  # between attempts: 0.5, 1, 2, 4, 8, 8, ... seconds
@@ -79,6 +79,9 @@ class SpoolingClient:
 
     def set_tag(self, run_id, key, value):
         self._write("set_tag", run_id, key=key, value=str(value))
+
+    def log_inputs(self, run_id, datasets=None):
+        self._write("log_inputs", run_id, datasets=list(datasets or []))
 
     def set_terminated(self, run_id, status=None, end_time=None):
         # The time the run really ended, not when a replay gets to it.
@@ -178,6 +181,8 @@ def _perform(client, method: str, run_id: str, args: dict) -> None:
                          tags=args["tags"])
     elif method == "log_artifacts":
         client.log_artifacts(run_id, args["local_dir"], args["artifact_path"])
+    elif method == "log_inputs":
+        client.log_inputs(run_id, datasets=args["datasets"])
     elif method == "set_tag":
         client.set_tag(run_id, args["key"], args["value"])
     elif method == "set_terminated":
@@ -194,6 +199,8 @@ def keep(folder: Path, method: str, run_id: str, args: dict) -> None:
         record["metrics"] = [[m.key, m.value, m.timestamp, m.step] for m in args["metrics"]]
         record["params"] = [[p.key, p.value] for p in args["params"]]
         record["tags"] = [[t.key, t.value] for t in args["tags"]]
+    elif method == "log_inputs":
+        record["datasets"] = [context.input_to_plain(d) for d in args["datasets"]]
     elif method == "log_artifacts":  # the caller deletes its folder on return: copy it
         copy = Path(run_id, uuid.uuid4().hex[:8])
         shutil.copytree(args["local_dir"], folder / copy)
@@ -249,6 +256,8 @@ def _decode(rec: dict, folder: Path) -> dict:
         args["metrics"] = [Metric(k, float(v), ts, step) for k, v, ts, step in rec["metrics"]]
         args["params"] = [Param(k, v) for k, v in rec["params"]]
         args["tags"] = [RunTag(k, v) for k, v in rec["tags"]]
+    elif rec["method"] == "log_inputs":
+        args["datasets"] = [context.input_from_plain(d) for d in rec["datasets"]]
     elif rec["method"] == "log_artifacts":
         args["local_dir"] = str(folder / rec["local_dir"])
     return args

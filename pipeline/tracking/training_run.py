@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pipeline import gc_policy, names
 from pipeline.config import TrainConfig
-from pipeline.tracking import client as tracking
+from pipeline.tracking import client as tracking, context
 from pipeline.training import artifacts
 from pipeline.training.trainer import train
 
@@ -19,6 +19,7 @@ def train_and_log(client, run_id: str, cfg: TrainConfig, splits):
     status = "FAILED"
     epochs = tracking.EpochWriter(client, run_id)  # epochs in batches, every few seconds
     try:
+        client.log_inputs(run_id, context.dataset_inputs(splits, cfg))
         result = train(cfg, splits, on_epoch=epochs)
         epochs.flush(final=result.final_metrics(), final_step=result.history[-1].step,
                      tags={names.DIVERGED: str(result.diverged).lower()})

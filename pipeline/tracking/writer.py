@@ -44,7 +44,7 @@ from pathlib import Path
 
 from pipeline import gc_policy
 
-WRITES = ("log_batch", "log_artifacts", "set_tag", "set_terminated")
+WRITES = ("log_batch", "log_artifacts", "log_inputs", "set_tag", "set_terminated")
 PENDING = "pending-"  # prefix of the ids create_run_later hands out
 READY = {"ready": True}  # the child's first message
 # The child's writes are off the training path: when training holds every core (torch runs a
@@ -91,6 +91,9 @@ class QueuedClient:
 
     def set_tag(self, run_id, key, value):
         self._put("set_tag", run_id, key, value)
+
+    def log_inputs(self, run_id, datasets=None):
+        self._put("log_inputs", run_id, list(datasets or []))
 
     def set_terminated(self, run_id, status=None, end_time=None):
         # the time the run really ended, not when the child got to it
