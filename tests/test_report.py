@@ -636,16 +636,34 @@ def test_cli_unreachable_store(tmp_path, monkeypatch):
 
 
 def test_cli_unreachable_store_fails_fast_with_default_settings(tmp_path, subprocess_env):
-    """With MLflow's default HTTP retries (7, exponential backoff) a refused connection took
+    """With MLflow's default HTTP retries (7, exponential backoff) a broken server took
     4 min 18 s to report here; the report (and the store check) must not make a user wait
-    minutes for 'connection refused'. The limit guards against a hang, not a speed target."""
+    minutes. Counted, not timed: a server that drops every connection sees one attempt (the
+    subprocess limit only stops a hang)."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    attempts = []
+
+    def drop_all():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            attempts.append(1)
+            conn.close()  # no answer: the client sees the connection dropped
+
+    threading.Thread(target=drop_all, daemon=True).start()
     env = {k: v for k, v in subprocess_env.items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
-    env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{free_port()}"
+    env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{server.getsockname()[1]}"
     try:
         proc = subprocess.run([sys.executable, "-m", "pipeline.report", "--study", "coarse"],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
-    except subprocess.TimeoutExpired:
-        pytest.fail("an unreachable tracking store was still being retried after 30 s")
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        server.close()
+    assert len(attempts) == 1, f"{len(attempts)} attempts: MLflow's retries were not turned off"
     assert proc.returncode == EXIT_BAD_INPUT, proc.stderr
     assert "cannot use the MLflow tracking store" in proc.stderr
     assert "Traceback" not in proc.stderr
