@@ -34,6 +34,7 @@ KIND_RECHECK = "recheck"  # a candidate retrained with a fresh seed (pipeline.se
 KIND_WORKER = "worker"  # an extra launcher's own run under `mlflow run`
 KIND_TRAIN = "train"  # python -m pipeline.train
 KIND_FINAL = "final"  # python -m pipeline.final
+KIND_REPORT = "report"  # `mlflow run . -e report`: the run MLflow made, holding the report
 
 # -- Optuna trial user attributes of a re-check trial: the (candidate, seed) pair it trains ----
 CANDIDATE = "candidate"

@@ -37,7 +37,8 @@ def mlflow_runs(tmp_path_factory, empty_mlflow_db):
     # fine re-checks its 2 trials over 3 seeds itself (studies/fine.yaml); the recheck entry
     # point then adds a 4th seed for the best of them, in a run of its own.
     for entry, params in (("coarse_search", ["n_trials=3"]), ("fine_search", ["n_trials=2"]),
-                          ("recheck", ["study=fine", "top_k=1", "seeds=4"])):
+                          ("recheck", ["study=fine", "top_k=1", "seeds=4"]),
+                          ("report", ["study=fine"])):
         done[entry] = subprocess.run(
             [sys.executable, "-m", "mlflow", "run", str(project), "-e", entry,
              "--env-manager", "local", *(a for p in params for a in ("-P", p))],
@@ -56,7 +57,7 @@ def test_the_run_mlflow_run_created_is_the_study_run(mlflow_runs):
     project, client, _ = mlflow_runs
     runs = all_runs(client)
     top = {r.data.tags["mlflow.project.entryPoint"]: r for r in runs if PARENT not in r.data.tags}
-    assert set(top) == {"coarse_search", "fine_search", "recheck"}  # and no other top-level run
+    assert set(top) == {"coarse_search", "fine_search", "recheck", "report"}  # and no other
     for entry, key, n in (("coarse_search", "coarse", 3), ("fine_search", "fine", 2)):
         run = top[entry]
         assert run.info.status == "FINISHED"
@@ -78,7 +79,7 @@ def test_the_run_mlflow_run_created_is_the_study_run(mlflow_runs):
             assert trial_run.info.status == RUN_STATUS[t.state]
         assert "pipeline.best_model_uri" in run.data.tags
     rechecks = [r for r in runs if r.data.tags.get("pipeline.kind") == "recheck"]
-    assert len(runs) == 3 + 3 + 2 + len(rechecks)
+    assert len(runs) == 4 + 3 + 2 + len(rechecks)
     assert len(rechecks) == 2 * 3 + 1
     assert not any(r.info.status == "RUNNING" for r in runs)
 
@@ -113,3 +114,22 @@ def test_fine_entry_point_narrowed_from_the_coarse_entry_point(mlflow_runs):
     assert narrowing["parent"] == "coarse"
     assert set(narrowing["trials"]) <= coarse_complete
     assert fine.trials[0].user_attrs["seeded_from"] == "coarse"
+
+
+def test_the_report_entry_point_attaches_the_report_to_its_run_and_the_study_run(mlflow_runs):
+    """`mlflow run . -e report`: the run MLflow makes for it holds the report and points at the
+    study run it reports on (the latest execution of fine, the re-check's); that run has it
+    too, as `python -m pipeline.report` leaves it."""
+    project, client, done = mlflow_runs
+    assert done["report"].returncode == 0, done["report"].stderr[-3000:]
+    top = {r.data.tags["mlflow.project.entryPoint"]: r for r in all_runs(client)
+           if PARENT not in r.data.tags}
+    report_run, study_run = top["report"], top["recheck"]
+    assert report_run.info.status == "FINISHED"
+    assert report_run.data.tags["pipeline.kind"] == "report"
+    assert report_run.data.tags["pipeline.study"] == "fine"
+    assert report_run.data.tags["pipeline.study_run"] == study_run.info.run_id
+    for run in (report_run, study_run):
+        files = {f.path for f in client.list_artifacts(run.info.run_id, "report")}
+        assert {"report/index.html", "report/report.md", "report/recheck.png"} <= files
+    assert (project / "reports" / "fine" / "index.html").is_file()

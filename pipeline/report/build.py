@@ -187,4 +187,11 @@ def make_report(client, keys: Sequence[str], out_root: Path, log: bool = True,
     if log:
         client.log_artifacts(datas[-1].study_run_id, str(out), "report")
         tracking.set_tags(client, datas[-1].study_run_id, {names.REPORT: str(out.resolve())})
+        if env_run := os.environ.get("MLFLOW_RUN_ID"):
+            # Under `mlflow run . -e report`, MLflow made a run for this command: it holds the
+            # report too, and points at the study run it reports on.
+            client.log_artifacts(env_run, str(out), "report")
+            tracking.set_tags(client, env_run, {
+                names.KIND: names.KIND_REPORT, names.STUDY: ",".join(keys),
+                names.STUDY_RUN: datas[-1].study_run_id, names.REPORT: str(out.resolve())})
     return out
