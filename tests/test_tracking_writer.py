@@ -171,3 +171,38 @@ def test_epochs_are_written_in_batches_and_all_of_them_by_flush(store):
     every_epoch = tracking.EpochWriter(client, other, every=0)
     every_epoch(records[0])  # due at once: written without a flush
     assert MlflowClient().get_run(other).data.metrics == {"val_acc": 0.1, "epoch": 1.0}
+
+
+def test_workers_logging_the_same_new_dataset_at_once_all_succeed(store):
+    """The first time a dataset is logged, every worker inserts it at once; the store refuses all
+    but one insert (a unique-key conflict), and the others must retry, not fail their trial. Seen
+    in CI with four workers on PostgreSQL; six threads on SQLite reproduce it every time."""
+    import threading
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    client, exp = store
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    for attempt in range(2):
+        runs = [client.create_run(exp).info.run_id for _ in range(6)]
+        dataset = Dataset(name=f"digits-{attempt}", digest=f"d{attempt}", source_type="code",
+                          source="{}")
+        barrier, errors = threading.Barrier(len(runs)), []
+
+        def log(run_id):
+            writer = spool.SpoolingClient(MlflowClient(uri), retry_seconds=20)
+            barrier.wait()
+            try:
+                writer.log_inputs(run_id, [DatasetInput(dataset, [InputTag("context", "train")])])
+                writer.flush()
+            except Exception as err:  # noqa: BLE001 - collected for the assertion
+                errors.append(err)
+
+        threads = [threading.Thread(target=log, args=(r,)) for r in runs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert all([i.dataset.digest for i in client.get_run(r).inputs.dataset_inputs]
+                   == [f"d{attempt}"] for r in runs)

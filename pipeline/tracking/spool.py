@@ -35,6 +35,10 @@ RETRY_SECONDS = 30.0
 MAX_DELAY = 8.0  # between attempts: 0.5, 1, 2, 4, 8, 8, ... seconds
 FINAL_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
                 "INVALID_STATE", "BAD_REQUEST", "PERMISSION_DENIED", "UNAUTHENTICATED"}
+# Two writers inserting the same row at once (e.g. two workers logging the same dataset input for
+# the first time): the store refuses the second insert, but the first one has committed, so the
+# same request retried finds the row and succeeds. PostgreSQL, SQLite and MySQL spellings.
+CONFLICTS = ("UniqueViolation", "duplicate key value", "UNIQUE constraint failed", "Duplicate entry")
 
 
 class TrackingLost(RuntimeError):
@@ -49,7 +53,9 @@ def transient(err: Exception) -> bool:
     """Worth retrying: the store is unreachable or busy, not the request wrong."""
     from mlflow.exceptions import MlflowException
 
-    return not (isinstance(err, MlflowException) and err.error_code in FINAL_ERRORS)
+    if not isinstance(err, MlflowException) or err.error_code not in FINAL_ERRORS:
+        return True
+    return any(c in str(err) for c in CONFLICTS)  # a concurrent insert: see CONFLICTS
 
 
 def _describe(err: Exception) -> str:
