@@ -43,6 +43,21 @@ def positive(text: str) -> int:
     return value
 
 
+AUTO = "auto"
+WORKERS_ENV = "PIPELINE_WORKERS"  # the default of --workers on this machine (default: auto)
+WORKERS_HELP = (f"worker processes on this machine, or auto (the default; or {WORKERS_ENV}): one "
+                "per usable core, started once the trials left are worth their start-up")
+
+
+def workers(text: str) -> int | None:
+    """``--workers``: a whole number >= 1, or "auto" (None: the usable cores, see
+    pipeline.search.processes); "" (an MLproject parameter left unset) is the default."""
+    import os
+
+    text = text.strip() or os.environ.get(WORKERS_ENV, AUTO).strip() or AUTO
+    return None if text.lower() == AUTO else positive(text)
+
+
 def whole_or_none(text: str) -> int | None:
     """A whole number, or None for "" (an MLproject parameter left unset)."""
     return whole(text) if text.strip() else None

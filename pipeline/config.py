@@ -21,6 +21,41 @@ def planned_epochs(schedule: str, epochs: float, step_size_epochs: float, cycles
     return epochs if schedule == "constant" else 2 * step_size_epochs * cycles
 
 
+def epoch_range(fixed: dict, bounds: dict) -> tuple[float, float]:
+    """The fewest and the most passes over the training split a trial of a study can make:
+    from its fixed settings, the ``bounds`` (name -> (low, high)) of what it searches, and the
+    defaults for the rest."""
+    def low_high(name):
+        if name in bounds:
+            return bounds[name]
+        value = fixed.get(name, TrainConfig.model_fields[name].default)
+        return value, value
+
+    schedule = fixed.get("schedule", TrainConfig.model_fields["schedule"].default)
+    ends = zip(low_high("epochs"), low_high("step_size_epochs"), low_high("cycles"), strict=True)
+    low, high = (planned_epochs(schedule, *end) for end in ends)
+    return low, high
+
+
+def fidelity(fixed: dict, bounds: dict) -> dict:
+    """How much training a study gives each trial: examples per class of the training split
+    ("all": no subset) and passes over it (a range when the study searches them). A coarse
+    study may run at a lower fidelity than the study narrowed from it; the narrowing record
+    keeps both."""
+    low, high = epoch_range(fixed, bounds)
+    return {"n_per_class": fixed.get("n_per_class") or "all",
+            "epochs": low if low == high else [low, high]}
+
+
+def describe_fidelity(f: dict) -> str:
+    """``fidelity``'s record in words: "1000 examples per class, 4 to 16 epochs"."""
+    epochs = f["epochs"]
+    span = (f"{epochs[0]:g} to {epochs[1]:g}" if isinstance(epochs, list) else f"{epochs:g}")
+    subset = ("the whole training split" if f["n_per_class"] == "all"
+              else f"{f['n_per_class']} examples per class")
+    return f"{subset}, {span} epochs"
+
+
 class ConfigError(ValueError):
     """A configuration problem, already phrased for the user (all problems at once)."""
 

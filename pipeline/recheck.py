@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pipeline.cli import Parser, positive, str_or_none, whole_or_none
+from pipeline.cli import WORKERS_HELP, Parser, str_or_none, whole_or_none, workers
 
 
 def build_parser() -> Parser:
@@ -26,7 +26,7 @@ def build_parser() -> Parser:
                    help="candidates: the study's k best trials (default: the study file's, or 5)")
     p.add_argument("--seeds", type=whole_or_none, default=None,
                    help="fresh seeds per candidate (default: the study file's, or 3)")
-    p.add_argument("--workers", type=positive, default=1, help="worker processes on this machine")
+    p.add_argument("--workers", type=workers, default="", help=WORKERS_HELP)
     p.add_argument("--dataset", type=str_or_none, default=None,
                    help="the dataset the study ran on, when it was given with --dataset")
     p.add_argument("--storage", type=str_or_none, default=None,

@@ -26,6 +26,9 @@ def offline_and_isolated(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PIPELINE_NO_DOWNLOAD", "1")
+        # The suite runs test files in parallel, one per core: a search forks no helper workers
+        # unless a test asks (--workers K, or PIPELINE_WORKERS), and runs its trials in order.
+        mp.setenv("PIPELINE_WORKERS", "1")
         mp.setenv("PIPELINE_DATA_CACHE", str(tmp_path_factory.mktemp("data-cache")))
         for var in MLFLOW_ENV:
             mp.delenv(var, raising=False)

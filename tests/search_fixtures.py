@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import shutil
 import socket
 import textwrap
@@ -50,6 +51,14 @@ def store_uri(folder: Path) -> str:
     return f"sqlite:///{folder / 'mlflow.db'}"
 
 
+def worker_env(tracking_uri: str, **extra: str) -> dict:
+    """The environment of a worker launched as a subprocess (``python -m pipeline.search``):
+    this one without any inherited MLflow variable, the given tracking store, one OpenMP
+    thread, and ``extra`` (credentials: services.MlflowServer.credentials)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    return env | {"MLFLOW_TRACKING_URI": tracking_uri, "OMP_NUM_THREADS": "1", **extra}
+
+
 def fresh_store(folder: Path, template: Path) -> MlflowClient:
     """A copy of conftest's empty store in ``folder`` (creating the schema costs seconds)."""
     shutil.copyfile(template, folder / "mlflow.db")
@@ -66,7 +75,10 @@ def run_search(folder: Path, *argv: str) -> Outcome:
         mp.chdir(folder)
         mp.setenv("MLFLOW_TRACKING_URI", store_uri(folder))
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main([*argv, "--quiet"])
+            try:
+                code = main([*argv, "--quiet"])
+            except SystemExit as stop:  # a flag argparse refused, as the command line exits
+                code = stop.code
     return Outcome(code, out.getvalue(), err.getvalue())
 
 

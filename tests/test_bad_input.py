@@ -55,6 +55,18 @@ CASES = {
         ["3 problem(s)", "space.width: low (16) must be below high (16)",
          "space.depth: low (4) must be below high (1)",
          "space.l2_lambda: log scale needs low > 0 (got 0)"]),
+    "limits a setting cannot take": (
+        study(space={**GOOD["space"], "depth": {"type": "int", "low": 1, "high": 4},
+                     "dropout": {"type": "float", "low": 0.0, "high": 0.5},
+                     "l2_lambda": {"type": "float", "low": 1e-5, "high": 0.1, "log": True}},
+              limits={"depth": {"high": 8.5}, "dropout": {"high": 1},
+                      "l2_lambda": {"low": 0, "high": 1}, "width": {"high": 12}}), [],
+        ["4 problem(s)", "limits.depth.high: 8.5 is not a whole number (depth is an integer)",
+         "limits.dropout.high: dropout must be < 1 (got 1)",
+         "limits.l2_lambda.low: l2_lambda must be > 0 on a log scale (got 0)",
+         "space.width: high (16) lies outside limits.width.high (12)"]),
+    "inverted limit": (study(limits={"width": {"low": 20, "high": 10}}), [],
+                       ["limits.width: low (20) must be below high (10)"]),
     "unknown dataset, sampler and pruner": (
         study(dataset="imagenet", sampler={"name": "annealing"}, pruner={"name": "patient"}),
         [], ["dataset: Input should be 'digits', 'fashion-mnist', 'mnist' or 'cifar10'",

@@ -1,14 +1,25 @@
 """pipeline.doctor on broken states built for real: trials made with optuna.trial.create_trial in
-a journal file, runs made with the MLflow client in a real SQLite store, writes spooled by
-spool.SpoolingClient against a store that refuses connections. No training."""
+each kind of Optuna storage the pipeline takes (the default journal file, ``sqlite:///`` and a
+real PostgreSQL server, one server for the module), runs made with the MLflow client in a real
+SQLite store, writes spooled by spool.SpoolingClient against a store that refuses connections.
+No training.
+
+A dead worker's trial is told apart differently per storage (pipeline/search/stale.py): on a
+journal file, its process is gone; on an RDB storage, its heartbeat fell silent. Both are made
+for real: a process that has exited, and a heartbeat that Optuna itself reports stale.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import socket
 import subprocess
 import sys
+import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -16,14 +27,19 @@ import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from optuna.distributions import IntDistribution
+from optuna.storages import RDBStorage
 from optuna.trial import TrialState, create_trial
-from search_fixtures import PARENT, free_port, fresh_store, journal, load, store_uri
+from search_fixtures import PARENT, free_port, fresh_store, journal, store_uri
+from services import pg_bin, postgres  # noqa: F401  (postgres: one server for the module)
 
 from pipeline import doctor, names
 from pipeline.tracking import spool
 
 KEY = "s"
 DIST = {"width": IntDistribution(8, 64)}
+GRACE = 1  # PIPELINE_GRACE_SECONDS for RDB storages: a heartbeat older than this is stale
+STALE_WAIT = 120  # seconds: only a heartbeat that never goes stale reaches this
+_databases = itertools.count()
 
 
 @pytest.fixture
@@ -34,6 +50,38 @@ def folder(tmp_path, monkeypatch, empty_mlflow_db):
     monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
     monkeypatch.delenv("PIPELINE_SPOOL_DIR", raising=False)
     return tmp_path
+
+
+@dataclass(frozen=True)
+class Storage:
+    """An Optuna storage of one kind, as the study was run with, and Optuna's own handle on it
+    (Optuna's journal backend, Optuna's RDBStorage: what the doctor reads is not only what the
+    pipeline's own storage classes wrote)."""
+    kind: str
+    url: str | None  # None: the default, ./optuna.journal
+    optuna: object
+
+    @property
+    def argv(self) -> list[str]:
+        return ["--storage", self.url] if self.url else []
+
+    def load(self) -> optuna.Study:
+        return optuna.load_study(study_name=KEY, storage=self.optuna)
+
+
+@pytest.fixture(params=["journal", "sqlite", "postgresql"])
+def storage(request, folder, monkeypatch) -> Storage:
+    if request.param == "journal":
+        return Storage("journal", None, journal(folder))
+    monkeypatch.setenv("PIPELINE_GRACE_SECONDS", str(GRACE))  # the doctor's, and the workers'
+    if request.param == "sqlite":
+        url = f"sqlite:///{folder / 'optuna.db'}"
+    else:  # a database of its own on the module's server
+        url = request.getfixturevalue("postgres").createdb(f"doctor{next(_databases)}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return Storage(request.param, url, RDBStorage(url, heartbeat_interval=1,
+                                                      grace_period=GRACE))
 
 
 def run_doctor(*argv: str) -> tuple[int, str]:
@@ -53,9 +101,9 @@ def dead_worker() -> str:
 class Broken:
     """One study with one of each problem the doctor knows (and one healthy trial)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, storage: Storage):
         self.client = MlflowClient()
-        self.study = study = optuna.create_study(study_name=KEY, storage=journal(folder),
+        self.study = study = optuna.create_study(study_name=KEY, storage=storage.optuna,
                                                  direction="maximize")
         self.study_run = self.run("study", status="RUNNING")
         study.set_user_attr("mlflow_run_id", self.study_run)
@@ -78,6 +126,16 @@ class Broken:
         self.duplicate = self.run("trial", 0, "RUNNING")                    # second run, trial 0
         self.orphan = self.run("trial", 9, "FINISHED")                      # no trial 9
         self._spool_trial_7(folder)
+        if storage.kind != "journal":
+            self._silence_heartbeat(storage.optuna, study.trials[6]._trial_id)
+
+    def _silence_heartbeat(self, rdb: RDBStorage, trial_id: int) -> None:
+        """Trial 6's worker beat once, then died: wait until Optuna finds the beat stale."""
+        rdb.record_heartbeat(trial_id)
+        deadline = time.monotonic() + STALE_WAIT
+        while trial_id not in rdb._get_stale_trial_ids(self.study._study_id):
+            assert time.monotonic() < deadline, "the heartbeat never went stale"
+            time.sleep(0.2)
 
     def run(self, kind: str, number: int | None = None, status: str = "RUNNING") -> str:
         tags = {"pipeline.kind": kind, "pipeline.study": KEY}
@@ -109,9 +167,9 @@ def checks(text: str, check: str) -> int:
     return sum(1 for line in text.splitlines() if f"problem {check}" in " ".join(line.split()))
 
 
-def test_findings_without_repair_change_nothing(folder):
-    broken = Broken(folder)
-    code, out = run_doctor()
+def test_findings_without_repair_change_nothing(folder, storage):
+    broken = Broken(folder, storage)
+    code, out = run_doctor(*storage.argv)
     assert code == 1
     for check in ("run RUNNING", "status mismatch", "trial without run", "run missing",
                   "trial RUNNING, worker gone", "spooled", "duplicate run", "run without trial",
@@ -121,21 +179,22 @@ def test_findings_without_repair_change_nothing(folder):
     assert "run again with --repair" in out
     # nothing was touched
     assert broken.client.get_run(broken.runs[1]).info.status == "RUNNING"
-    assert load(folder, KEY).trials[6].state == TrialState.RUNNING
+    assert storage.load().trials[6].state == TrialState.RUNNING
+    assert broken.client.get_run(broken.runs[6]).info.status == "RUNNING"
     assert spool.spooled_runs() == [broken.runs[7]]
 
 
-def test_repair_fixes_what_is_safe_and_says_so(folder):
-    broken = Broken(folder)
+def test_repair_fixes_what_is_safe_and_says_so(folder, storage):
+    broken = Broken(folder, storage)
     client, runs = broken.client, broken.runs
-    code, out = run_doctor("--repair")
+    code, out = run_doctor(*storage.argv, "--repair")
     repaired = [line for line in out.splitlines() if line.startswith("repaired: ")]
 
     # runs left RUNNING mirror their trial: complete -> FINISHED, interrupted -> KILLED
     assert client.get_run(runs[1]).info.status == "FINISHED"
     assert client.get_run(runs[2]).info.status == "KILLED"
     # the dead worker's trial: failed, requeued once with the same parameters, run KILLED
-    trials = load(folder, KEY).trials
+    trials = storage.load().trials
     assert trials[6].state == TrialState.FAIL
     (retry,) = [t for t in trials if t.state == TrialState.WAITING]
     assert retry.params == trials[6].params
@@ -157,7 +216,7 @@ def test_repair_fixes_what_is_safe_and_says_so(folder):
     assert dup.info.lifecycle_stage == orphan.info.lifecycle_stage == "active"
     # the study run whose launcher is gone: KILLED and closed (the next launch opens a new one)
     assert client.get_run(broken.study_run).info.status == "KILLED"
-    assert load(folder, KEY).user_attrs["mlflow_run_closed"] == broken.study_run
+    assert storage.load().user_attrs["mlflow_run_closed"] == broken.study_run
     # what cannot be repaired safely is left, and still reported: exit 1
     after = out.split("after repair:")[1]
     assert {c for c in ("status mismatch", "trial without run", "run missing")
@@ -170,13 +229,14 @@ def test_repair_fixes_what_is_safe_and_says_so(folder):
     assert len(repaired) == 7, out  # run 1, run 2, stale, spool, duplicate, orphan, study run
 
     # a second pass has nothing left to repair
-    code, again = run_doctor("--repair")
+    code, again = run_doctor(*storage.argv, "--repair")
     assert code == 1 and "repaired:" not in again
+    assert len(storage.load().trials) == len(trials)  # requeued once, not once a pass
 
 
-def test_a_healthy_study_exits_0(folder):
+def test_a_healthy_study_exits_0(folder, storage):
     client = MlflowClient()
-    study = optuna.create_study(study_name=KEY, storage=journal(folder), direction="maximize")
+    study = optuna.create_study(study_name=KEY, storage=storage.optuna, direction="maximize")
     top = client.create_run("0", tags={"pipeline.kind": "study", "pipeline.study": KEY})
     client.set_terminated(top.info.run_id, "FINISHED")
     for n, (state, status) in enumerate([(TrialState.COMPLETE, "FINISHED"),
@@ -189,18 +249,58 @@ def test_a_healthy_study_exits_0(folder):
         study.add_trial(create_trial(state=state, value=0.5 if n == 0 else None,
                                      params={"width": 9}, distributions=DIST,
                                      user_attrs={"mlflow_run_id": run.info.run_id}))
-    code, out = run_doctor()
+    code, out = run_doctor(*storage.argv)
     assert code == 0, out
     assert "healthy" in out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--study", "nosuch"], "no such study in optuna.journal; studies there: s"),
-    (["--study", KEY, "--storage", "other.journal"], "no Optuna storage at other.journal"),
-])
-def test_unknown_study_or_storage_exits_2(folder, argv, message):
-    optuna.create_study(study_name=KEY, storage=journal(folder))
+def test_unknown_study_exits_2(folder, storage):
+    optuna.create_study(study_name=KEY, storage=storage.optuna)
     out = io.StringIO()
     with contextlib.redirect_stderr(out):
-        assert doctor.main(argv) == 2
+        assert doctor.main(["--study", "nosuch", *storage.argv]) == 2
+    assert f"no such study in {storage.url or 'optuna.journal'}; studies there: s" \
+        in out.getvalue()
+    assert [s.study_name for s in storage.optuna.get_all_studies()] == [KEY]
+
+
+@pytest.mark.parametrize("kind", ["journal", "sqlite", "sqlite-empty", "postgresql",
+                                  "postgresql-empty"])
+def test_a_missing_storage_exits_2_and_nothing_is_created(folder, kind, request):
+    """A read-only check creates no storage: no journal or SQLite file, no database, and no
+    Optuna tables in a database that has none (an empty file, a database made for another
+    use, or a typo in the database's name that happens to name one)."""
+    if kind.startswith("postgresql"):
+        server = request.getfixturevalue("postgres")
+        db = f"doctor{next(_databases)}"
+        url = server.createdb(db) if kind.endswith("empty") else server.url(db)
+    elif kind == "journal":
+        url = "other.journal"
+    else:
+        url = f"sqlite:///{folder / 'other.db'}"
+        if kind.endswith("empty"):
+            (folder / "other.db").write_bytes(b"")  # SQLite's empty database
+    message = {"postgresql": "cannot open Optuna storage",
+               "sqlite": f"no Optuna storage at {folder / 'other.db'}"}.get(
+        kind, f"no Optuna storage at {url}")
+    out = io.StringIO()
+    with contextlib.redirect_stderr(out):
+        assert doctor.main(["--study", KEY, "--storage", url]) == 2
     assert message in out.getvalue()
+
+    if kind.startswith("postgresql"):
+        def psql(sql: str, database: str = "postgres") -> list[str]:
+            return subprocess.run([pg_bin("psql"), "-h", server.host, "-p", str(server.port),
+                                   "-U", server.user, "-d", database, "-Atc", sql],
+                                  capture_output=True, text=True, check=True).stdout.split()
+
+        made = db in psql("SELECT datname FROM pg_database")
+        assert made == kind.endswith("empty")
+        if made:
+            assert psql("SELECT tablename FROM pg_tables WHERE schemaname = 'public'", db) == []
+        else:
+            assert f'database "{db}" does not exist' in out.getvalue()
+    elif kind == "sqlite-empty":
+        assert (folder / "other.db").read_bytes() == b""
+    else:
+        assert not list(folder.glob("other*"))

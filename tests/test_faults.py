@@ -1,6 +1,7 @@
 """Faults, for real: `python -m pipeline.search` subprocesses killed with SIGKILL, stopped with
 SIGTERM and Ctrl-C (SIGINT), with one worker or several, and an `mlflow server` that goes away in
-the middle of a study. Tiny digits trials, one thread.
+the middle of a study. Tiny digits trials, one thread. One test kills one of four workers that
+share a PostgreSQL study and an `mlflow server` (tests/services.py), as on many machines.
 
 To act "in the middle of a trial" without guessing at timings, a test waits until a trial is
 in its training loop (an epoch reported, not yet the last), freezes the process group
@@ -10,6 +11,8 @@ a hung test; no assertion depends on how long anything takes.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -24,6 +27,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from search_fixtures import (
+    RUN_STATUS,
     all_runs,
     free_port,
     fresh_store,
@@ -32,8 +36,10 @@ from search_fixtures import (
     run_search,
     store_uri,
     study_runs,
+    worker_env,
     write_study,
 )
+from services import WORKER, MlflowServer, mlflow_server, postgres  # noqa: F401
 
 from pipeline import doctor
 from pipeline.search.objective import trial_seed
@@ -87,22 +93,21 @@ class Search:
     """`python -m pipeline.search` in its own session (so its whole process group can be
     signalled), cwd and MLflow store in `folder`."""
 
-    def __init__(self, folder: Path, *argv: str, env: dict | None = None, tracking: str = ""):
-        self.folder = folder
-        base = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-        base |= {"MLFLOW_TRACKING_URI": tracking or store_uri(folder), "OMP_NUM_THREADS": "1",
-                 **(env or {})}
-        self.out = (folder / "search.out").open("w")
+    def __init__(self, folder: Path, *argv: str, env: dict | None = None, tracking: str = "",
+                 log: str = "search.out"):
+        self.folder, self.log = folder, folder / log
+        self.out = self.log.open("w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline.search", "--study", str(folder / f"{KEY}.yaml"),
-             "--quiet", *argv], cwd=folder, env=base, stdout=self.out, stderr=subprocess.STDOUT,
-            start_new_session=True)
+             "--quiet", *argv], cwd=folder, env=worker_env(tracking or store_uri(folder),
+                                                           **(env or {})),
+            stdout=self.out, stderr=subprocess.STDOUT, start_new_session=True)
         _STARTED.append(self)
 
     def output(self) -> str:
         if not self.out.closed:
             self.out.flush()
-        return (self.folder / "search.out").read_text()
+        return self.log.read_text()
 
     def wait(self) -> int:
         code = self.proc.wait(HANG)
@@ -221,6 +226,106 @@ def test_a_worker_killed_mid_trial_is_failed_retried_once_and_the_study_complete
     assert runs_mirror_trials(client, optuna.load_study(study_name=KEY, storage=url))
 
 
+# -- SIGKILL of one of four workers (PostgreSQL and an `mlflow server`, as on many machines) -------
+
+WORKERS = 4
+# Heartbeats for four workers, a database server and a tracking server on 2 cores: a beat a
+# second, and a grace period long enough that no live worker's trial is ever taken for dead.
+PG_HEARTBEAT = {"PIPELINE_HEARTBEAT_SECONDS": "1", "PIPELINE_GRACE_SECONDS": "6"}
+
+
+def catch_a_worker_mid_trial(searches: list[Search], study_of) -> tuple[Search, object]:
+    """catch_mid_trial for one of several launches: freeze the launch whose worker (the trial's
+    ``worker`` attribute, liveness.py) holds a trial in its training loop; returns it and the
+    trial, checked while frozen."""
+    by_pid = {s.proc.pid: s for s in searches}
+    deadline = time.monotonic() + HANG
+    while True:
+        assert time.monotonic() < deadline, "\n".join(s.output() for s in searches)
+        for s in searches:
+            assert s.proc.poll() is None, f"exited early:\n{s.output()}"
+        study = study_of()
+        for trial in training(study) if study is not None else []:
+            search = by_pid[int(trial.user_attrs["worker"].rsplit(":", 2)[1])]
+            search.kill_all(signal.SIGSTOP)
+            if trial.number in {t.number for t in training(study_of() or study)}:
+                return search, trial
+            search.kill_all(signal.SIGCONT)
+        time.sleep(0.05)
+
+
+def test_one_of_four_workers_killed_on_postgres_is_retried_once_and_the_stores_agree(
+        tmp_path, postgres, mlflow_server, monkeypatch):  # noqa: F811
+    """docs/scaling-out.md's set-up (PostgreSQL study, `mlflow server` with basic-auth, four
+    separate launches) and docs/faults.md's dead worker: one launch is SIGKILLed mid-trial.
+    Its trial's heartbeat falls silent; a surviving worker, waiting for the others' last
+    trials, fails it, requeues it once (however many workers notice) and runs the retry; the
+    study still has exactly n_trials finished trials, and nothing is left RUNNING anywhere."""
+    n_trials = WORKERS
+    faults_study(tmp_path, n_trials=n_trials)
+    url = postgres.createdb(KEY)
+    env = {**PG_HEARTBEAT, "MLFLOW_EXPERIMENT_NAME": KEY, **MlflowServer.credentials(WORKER)}
+    searches = [Search(tmp_path, "--storage", url, "--workers", "1", env=env,
+                       tracking=mlflow_server.uri, log=f"worker-{i}.out")
+                for i in range(WORKERS)]
+
+    def study_of():
+        try:  # the launches may be creating Optuna's tables and the study right now
+            return optuna.load_study(study_name=KEY, storage=url)
+        except Exception:
+            return None
+
+    victim, killed = catch_a_worker_mid_trial(searches, study_of)
+    os.kill(victim.proc.pid, signal.SIGKILL)  # the worker only: its MLflow writer drains, exits
+    victim.kill_all(signal.SIGCONT)
+    assert victim.wait() == -signal.SIGKILL
+    for search in searches:
+        if search is not victim:
+            assert search.wait() == 0, search.output()
+    # A survivor, waiting for the others' last trials, found the silent heartbeat.
+    said = f"marked 1 stale trial(s) failed: [{killed.number}]"
+    assert any(said in s.output() for s in searches if s is not victim)
+
+    trials = optuna.load_study(study_name=KEY, storage=url).trials
+    assert trials[killed.number].state == TrialState.FAIL
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert retry.params == killed.params
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == n_trials
+    assert retry in finished
+    assert len(trials) == n_trials + 1  # the killed trial, retried once: nothing else failed
+    assert not [t.number for t in trials if not t.state.is_finished()]  # none RUNNING, WAITING
+
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", WORKER[0])  # the workers' account reads all
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", WORKER[1])
+    runs = all_runs(client)
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    trial_runs = {}
+    for r in runs:
+        if r.data.tags.get("pipeline.kind") == "trial":
+            trial_runs.setdefault(int(r.data.tags["pipeline.trial_number"]), []).append(r)
+    assert sorted(trial_runs) == [t.number for t in trials]  # one run per trial, none twice
+    assert all(len(found) == 1 for found in trial_runs.values())
+    (dead_run,) = trial_runs[killed.number]
+    assert dead_run.info.status in ("FAILED", "KILLED")
+    (retry_run,) = trial_runs[retry.number]
+    assert retry_run.info.status == RUN_STATUS[retry.state]
+    assert retry_run.data.tags["pipeline.retry_of"] == str(killed.number)
+    assert retry_run.data.params["seed"] == str(trial_seed(0, killed.number))  # trained alike
+    (study_run,) = study_runs(client, KEY)
+    assert study_run.info.status == "FINISHED"
+
+    # The doctor, run where the study ran, against both stores: nothing to repair.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = doctor.main(["--study", KEY, "--storage", url])
+    assert code == 0, out.getvalue()
+    assert "healthy" in out.getvalue()
+
+
 # -- SIGTERM and Ctrl-C ---------------------------------------------------------------------------
 
 
@@ -262,15 +367,16 @@ def test_sigterm_and_ctrl_c_fail_the_running_trial_kill_its_run_and_rerun_contin
 
 
 def _children(pid: int) -> list[int]:
-    """Worker processes of the launcher: its children running multiprocessing's spawn_main."""
-    out = []
+    """Helper workers of the launcher: its children forked from it (the same command line; its
+    MLflow writer processes have their own)."""
+    out, own = [], Path(f"/proc/{pid}/cmdline").read_bytes()
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
             cmdline = (stat.parent / "cmdline").read_bytes()
         except (OSError, IndexError):
             continue
-        if ppid == pid and b"spawn_main" in cmdline:
+        if ppid == pid and cmdline == own:
             out.append(int(stat.parent.name))
     return out
 
@@ -289,7 +395,7 @@ def test_sigterm_to_the_launcher_reaches_every_worker(tmp_path, empty_mlflow_db)
     search = Search(tmp_path, "--workers", "2")
     caught = catch_mid_trial(search, journal_study(tmp_path))
     workers = _children(search.proc.pid)
-    assert len(workers) == 2
+    assert len(workers) == 1  # the launcher is the first worker, a forked helper the second
     before = snapshot(load(tmp_path, KEY))
     # SIGTERM to the launcher alone, as `kill PID` does; it forwards SIGTERM to its workers.
     os.kill(search.proc.pid, signal.SIGTERM)

@@ -2,7 +2,8 @@
 
 Every expected interval is computed by hand here, from the rule in the module docstring: the span
 of the best values, padded by margin x span on each side (in log space for log parameters),
-clipped to the parent range, integers rounded outward.
+clipped to the parent range, integers rounded outward; on an edge the best values crowd, past the
+parent's edge by the same padding, up to the parameter's hard limits (pipeline.search.limits).
 """
 
 from __future__ import annotations
@@ -12,14 +13,18 @@ import random
 
 import pytest
 
+from pipeline.search.limits import Limit, derived_limits, limit_problems, natural_limit
 from pipeline.search.narrow import (
     NarrowingError,
     boundary_flag,
     clip_params,
+    describe_edges,
+    narrow_edges,
     narrow_param,
     narrow_space,
     select_top,
 )
+from pipeline.search.params import FloatParam, IntParam
 
 LIN = {"type": "float", "low": 0.0, "high": 10.0, "log": False}
 LOG = {"type": "float", "low": 1e-5, "high": 1e-1, "log": True}
@@ -195,6 +200,230 @@ def test_boundary_fraction_widens_what_counts_as_near():
     assert boundary_flag(LIN, [2.5, 3.0], 0.3) == "low"
 
 
+# -- widening past a crowded edge ----------------------------------------------------------------
+
+
+def test_a_crowded_top_edge_widens_past_the_parent_by_the_margin():
+    # best 9..10 crowd the top of [0, 10]: span 1, padding 0.25; the low side narrows as usual
+    # (9 - 0.25), the high side goes past the parent's 10 by the padding
+    new, edges = narrow_edges(LIN, [9.0, 9.5, 10.0], 0.25, "high")
+    assert bounds(new) == pytest.approx((8.75, 10.25))
+    assert edges == {"high": {"change": "widened", "old": 10.0, "new": pytest.approx(10.25)}}
+    assert describe_edges(edges) == "high 10 → 10.25 (widened)"
+
+
+def test_the_widened_edge_is_measured_from_the_parent_edge_not_the_best_values():
+    # best 9.2..9.6 (flagged high: within 1.0 of 10): span 0.4, padding 0.1 -> 10 + 0.1
+    assert bounds(narrow_param(LIN, [9.2, 9.6], 0.25, "high")) == pytest.approx((9.1, 10.1))
+
+
+def test_a_crowded_bottom_edge_of_a_log_parameter_widens_in_log_space():
+    values = [1.2e-5, 1.5e-5, 2e-5]
+    assert boundary_flag(LOG, values, 0.1) == "low"
+    new, edges = narrow_edges(LOG, values, 0.25, "low")
+    # ln span ln(2 / 1.2), a quarter of it past the parent's 1e-5: 1e-5 * (1.2 / 2) ** 0.25
+    assert new["low"] == pytest.approx(1e-5 * (1.2 / 2) ** 0.25, rel=1e-12)
+    assert new["high"] == pytest.approx(2e-5 * (2 / 1.2) ** 0.25, rel=1e-12)
+    assert 0 < new["low"] < LOG["low"]
+    assert edges["low"]["change"] == "widened" and edges["low"]["old"] == 1e-5
+    assert describe_edges(edges) == "low 1e-05 → 8.801e-06 (widened)"
+
+
+def test_the_side_not_crowded_still_clips_to_the_parent_range():
+    # 0.5..9.9 flagged high: padding 0.25 * 9.4 = 2.35; low 0.5 - 2.35 stops at the parent's 0
+    new, edges = narrow_edges(LIN, [0.5, 9.9], 0.25, "high")
+    assert bounds(new) == pytest.approx((0.0, 12.35))
+    assert set(edges) == {"high"}
+
+
+def test_widened_ints_round_outward():
+    spec = {"type": "int", "low": 1, "high": 4, "log": False, "step": 1}
+    # 3..4 flagged high: span 1, padding 0.25: 2.75 -> 2, 4 + 0.25 -> 5
+    assert bounds(narrow_param(spec, [3, 4, 4], 0.25, "high")) == (2, 5)
+    # 1..2 flagged low: 1 - 0.25 -> 0 (depth 0 is softmax regression), 2.25 -> 3
+    assert bounds(narrow_param(spec, [1, 1, 2], 0.25, "low")) == (0, 3)
+    # on a step grid: 80..100 of 0..100 by 10: padding 5 -> 75 -> 70 and 105 -> 110
+    stepped = {"type": "int", "low": 0, "high": 100, "log": False, "step": 10}
+    assert bounds(narrow_param(stepped, [80, 100], 0.25, "high")) == (70, 110)
+    # log ints: 256..512 of 16..512: 512 * 2 ** 0.25 = 608.9 -> 609, 256 / 2 ** 0.25 -> 215
+    width = {"type": "int", "low": 16, "high": 512, "log": True, "step": 1}
+    new = narrow_param(width, [256, 512], 0.25, "high")
+    assert bounds(new) == (215, 609) and type(new["high"]) is int
+
+
+def test_all_best_values_on_the_edge_widen_by_the_degenerate_span():
+    # all at 10: span 0.1 * 10 = 1, padding 0.25 on both sides of 10
+    assert bounds(narrow_param(LIN, [10.0, 10.0], 0.25, "high")) == pytest.approx((9.75, 10.25))
+
+
+def test_no_margin_no_widening():
+    new, edges = narrow_edges(LIN, [9.0, 10.0], 0.0, "high")
+    assert bounds(new) == (9.0, 10.0) and edges == {}
+
+
+def test_a_limit_stops_the_widening_and_the_record_says_so():
+    new, edges = narrow_edges(LIN, [9.0, 9.5, 10.0], 1.0, "high", {"low": None, "high": 10.3})
+    assert bounds(new) == pytest.approx((8.0, 10.3))  # 10 + 1 stopped at 10.3
+    assert edges == {"high": {"change": "widened, clipped at limit", "old": 10.0,
+                              "new": 10.3, "limit": 10.3}}
+    assert describe_edges(edges) == "high 10 → 10.3 (widened, clipped at limit)"
+    # a limit at the parent's edge: no widening at all, and the record says why
+    spec = {"type": "int", "low": 1, "high": 4, "log": False, "step": 1}
+    new, edges = narrow_edges(spec, [3, 4, 4], 0.25, "high", {"high": 4})
+    assert bounds(new) == (2, 4)
+    assert edges == {"high": {"change": "clipped at limit", "old": 4, "new": 4, "limit": 4}}
+    assert describe_edges(edges) == "high 4 (clipped at limit)"
+
+
+def test_an_int_limit_rounds_inward_onto_the_step_grid():
+    stepped = {"type": "int", "low": 0, "high": 100, "log": False, "step": 10}
+    new, edges = narrow_edges(stepped, [80, 100], 1.0, "high", {"high": 125})
+    assert bounds(new) == (60, 120)  # 100 + 20 = 120 is inside 125: not clipped
+    assert edges["high"]["change"] == "widened"
+    new, edges = narrow_edges(stepped, [80, 100], 1.0, "high", {"high": 115})
+    assert bounds(new) == (60, 110) and edges["high"]["limit"] == 110
+
+
+def test_a_limit_tighter_than_the_parent_cuts_a_side_that_is_not_crowded():
+    # 2..3: padding 0.25 -> 3.25, past the limit 3.1 (the parent's edge is 10)
+    new, edges = narrow_edges(LIN, [2.0, 3.0], 0.25, None, {"high": 3.1})
+    assert bounds(new) == pytest.approx((1.75, 3.1))
+    assert edges == {"high": {"change": "clipped at limit", "old": 10.0, "new": 3.1,
+                              "limit": 3.1}}
+
+
+def test_a_limit_that_leaves_no_range_is_a_narrowing_error_naming_the_parameter():
+    trials = [{"number": 0, "value": 1.0, "params": {"x": 8.0}},
+              {"number": 1, "value": 0.9, "params": {"x": 9.0}}]
+    with pytest.raises(NarrowingError, match=r"^x: its limits .* leave no range"):
+        narrow_space({"x": LIN}, trials, "maximize", limits={"x": {"high": 5.0}})
+    with pytest.raises(NarrowingError, match="leave no range around the best values 8 to 9"):
+        narrow_param(INT, [8, 9], 0.25, None, {"high": 5})
+    # a limit that cuts into the best values' span still leaves a range: 7.75 -> 7 -> up to 9
+    assert bounds(narrow_param(INT, [8, 9], 0.25, None, {"low": 9})) == (9, 10)
+
+
+def test_narrow_space_records_widened_and_clipped_edges_with_their_limits():
+    parent = {"depth": {"type": "int", "low": 1, "high": 4, "log": False, "step": 1},
+              "l2": LOG, "act": CAT}
+    trials = [{"number": i, "value": v, "params": {"depth": d, "l2": l2, "act": "relu"}}
+              for i, (v, d, l2) in enumerate([(0.9, 4, 1.2e-5), (0.8, 4, 1.5e-5),
+                                              (0.7, 3, 2e-5), (0.1, 1, 1e-2)])]
+    limits = {"depth": {"low": 0, "high": 4}, "l2": {"low": 1e-300, "high": None}}
+    record = narrow_space(parent, trials, "maximize", top_k=3, limits=limits)
+    assert record["boundary_flags"] == {"depth": "high", "l2": "low"}
+    assert record["params"]["depth"]["edges"] == {
+        "high": {"change": "clipped at limit", "old": 4, "new": 4, "limit": 4}}
+    assert record["params"]["l2"]["edges"] == {
+        "low": {"change": "widened", "old": 1e-5, "new": pytest.approx(1e-5 * 0.6 ** 0.25)}}
+    assert record["params"]["act"]["edges"] == {} and record["space"]["act"]["choices"] == [
+        "relu"]  # categoricals never widen
+    assert record["limits"] == limits
+    assert bounds(record["space"]["depth"]) == (2, 4)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_widened_range_covers_the_best_values_passes_one_edge_and_respects_limits(seed):
+    rng = random.Random(seed)
+    log, side = rng.random() < 0.5, rng.choice(["low", "high"])
+    low = 10 ** rng.uniform(-6, -1) if log else rng.uniform(-5, 5)
+    high = low * 10 ** rng.uniform(0.5, 4) if log else low + rng.uniform(0.1, 10)
+    spec = {"type": "float", "low": low, "high": high, "log": log}
+    values = [math.exp(rng.uniform(math.log(low), math.log(high))) if log
+              else rng.uniform(low, high) for _ in range(rng.randint(1, 6))]
+    margin = rng.choice([0.1, 0.25, 1.0])
+    limit = {"low": low / 2 if log else low - 1, "high": high * 2 if log else high + 1}
+    new, edges = narrow_edges(spec, values, margin, side, limit)
+    assert new["low"] <= min(values) and max(values) <= new["high"]
+    assert limit["low"] <= new["low"] < new["high"] <= limit["high"]
+    if side == "high":
+        assert spec["low"] <= new["low"] and new["high"] > spec["high"]
+    else:
+        assert new["high"] <= spec["high"] and new["low"] < spec["low"]
+    assert set(edges) == {side} and edges[side]["change"].startswith("widened")
+
+
+# -- hard limits (pipeline.search.limits) ---------------------------------------------------------
+
+COARSE = {"l2_lambda": {"type": "float", "low": 1e-5, "high": 1e-1, "log": True},
+          "eta_min": {"type": "float", "low": 1e-6, "high": 1e-3, "log": True},
+          "eta_max": {"type": "float", "low": 1e-3, "high": 1.0, "log": True},
+          "depth": {"type": "int", "low": 1, "high": 4, "log": False, "step": 1},
+          "width": {"type": "int", "low": 16, "high": 512, "log": True, "step": 1},
+          "activation": {"type": "categorical", "choices": ["relu", "tanh"]}}
+
+
+def test_built_in_limits_come_from_the_setting_and_the_scale():
+    assert natural_limit("depth", "int", False) == {"low": 0, "high": None}  # TrainConfig: ge=0
+    assert natural_limit("width", "int", True) == {"low": 1, "high": None}  # ge=1, log: >= 1
+    assert natural_limit("dropout", "float", False) == {"low": 0.0,  # ge=0, lt=1: just below 1
+                                                         "high": math.nextafter(1.0, 0.0)}
+    log_low = natural_limit("l2_lambda", "float", True)["low"]  # ge=0, log: above 0
+    assert log_low > 0 and log_low == math.nextafter(0.0, 1.0)
+
+
+def test_derived_limits_tighten_the_built_in_ones_with_the_study_files():
+    limits, problems = derived_limits(COARSE, {"depth": Limit(high=8), "l2_lambda": Limit(
+        low=1e-7, high=1.0)}, space={}, fixed={"cycles": 5})
+    assert problems == []
+    assert set(limits) == {"l2_lambda", "eta_min", "eta_max", "depth", "width"}  # no categorical
+    assert limits["depth"] == {"low": 0, "high": 8} and type(limits["depth"]["high"]) is int
+    assert limits["l2_lambda"] == {"low": 1e-7, "high": 1.0}
+    assert limits["width"] == {"low": 1, "high": None}
+    # eta_min and eta_max meet at 1e-3 in the parent: neither widens past it
+    assert limits["eta_min"]["high"] == limits["eta_max"]["low"] == 1e-3
+
+
+def test_an_ordered_pair_with_a_gap_stops_at_its_middle_or_at_a_fixed_partner():
+    parent = {**COARSE, "eta_min": {**COARSE["eta_min"], "high": 1e-4},
+              "eta_max": {**COARSE["eta_max"], "low": 1e-2}}
+    limits, _ = derived_limits(parent, {}, space={}, fixed={})
+    assert limits["eta_min"]["high"] == limits["eta_max"]["low"] == pytest.approx(1e-3)
+    limits, _ = derived_limits(parent, {}, space={}, fixed={"eta_max": 0.05})
+    assert limits["eta_min"]["high"] == 0.05 and "eta_max" not in limits
+    own = {"eta_min": FloatParam(type="float", low=1e-6, high=2e-3, log=True)}
+    limits, _ = derived_limits(parent, {}, space=own, fixed={})
+    assert limits["eta_max"]["low"] == 2e-3 and "eta_min" not in limits
+
+
+def test_derived_limit_problems_only_the_parents_space_reveals():
+    declared = {"l2_lambda": Limit(low=0.0), "dropout": Limit(high=0.5),
+                "activation": Limit(high=1)}
+    _, problems = derived_limits(COARSE, declared, space={}, fixed={})
+    assert problems == [
+        "limits.l2_lambda.low: l2_lambda must be > 0 on a log scale (got 0)",
+        "limits.dropout: dropout is not searched (neither in space nor in the parent's space)",
+        "limits.activation: limits apply to float and int parameters; the parent searches "
+        "activation as a categorical"]
+
+
+def test_limit_problems_of_a_study_file():
+    space = {"depth": IntParam(type="int", low=1, high=10),
+             "l2_lambda": FloatParam(type="float", low=1e-5, high=1e-1, log=True)}
+    limits = {"depth": Limit(low=-1, high=8.5), "l2_lambda": Limit(low=0.0),
+              "dropout": Limit(high=1.0), "cycles": Limit(high=3), "optimizer": Limit(low=1),
+              "bogus": Limit(low=1)}
+    assert limit_problems(limits, space, {"cycles": 5}, has_parent=True) == [
+        "limits.depth.low: depth must be >= 0 (got -1)",
+        "limits.depth.high: 8.5 is not a whole number (depth is an integer)",
+        "space.depth: high (10) lies outside limits.depth.high (8.5)",
+        "limits.l2_lambda.low: l2_lambda must be > 0 on a log scale (got 0)",
+        "limits.dropout.high: dropout must be < 1 (got 1)",
+        "limits.cycles: cycles is fixed, not searched; drop the limit",
+        "limits.optimizer: limits apply to float and int parameters; optimizer is not searched "
+        "as one",
+        "limits.bogus: not a training setting"]
+    assert limit_problems({"dropout": Limit(high=0.5)}, {}, {}, has_parent=False) == [
+        "limits.dropout: dropout is not searched (not in space)"]
+
+
+def test_a_limit_needs_a_side_and_an_order():
+    with pytest.raises(ValueError, match="give low, high or both"):
+        Limit()
+    with pytest.raises(ValueError, match=r"low \(9\) must be below high \(8\)"):
+        Limit(low=9, high=8)
+
+
 # -- clipping seeds into the new space ------------------------------------------------------------
 
 
@@ -304,11 +533,17 @@ def test_narrow_space_record():
                               "boundary_fraction": 0.1, "direction": "maximize"}
 
 
-def test_narrow_space_flags_parameters_crowding_an_edge():
+def test_narrow_space_flags_parameters_crowding_an_edge_and_widens_past_it():
     record = narrow_space(PARENT, PARENT_TRIALS, "maximize", top_k=3, boundary_fraction=0.1)
     # best three: 3, 0, 4 -> cycles 4, 2, 4: two of three at the top edge (within 0.3 of 4)
     assert record["params"]["cycles"]["boundary"] == "high"
     assert record["boundary_flags"] == {"cycles": "high"}
+    # span 2, padding 0.5: the low side narrows (1.5 -> 1, the parent's edge), the high side
+    # goes past the parent's 4 by the padding (4.5 -> 5)
+    assert bounds(record["space"]["cycles"]) == (1, 5)
+    assert record["params"]["cycles"]["edges"] == {
+        "high": {"change": "widened", "old": 4, "new": 5}}
+    assert all(r["edges"] == {} for n, r in record["params"].items() if n != "cycles")
 
 
 def test_narrow_space_minimize_picks_the_lowest_values():

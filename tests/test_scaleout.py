@@ -17,7 +17,6 @@ import base64
 import contextlib
 import io
 import json
-import os
 import subprocess
 import sys
 import urllib.error
@@ -27,7 +26,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
-from search_fixtures import PARENT, RUN_STATUS, store_uri, write_study
+from search_fixtures import PARENT, RUN_STATUS, store_uri, worker_env, write_study
 from services import ADMIN, WORKER, MlflowServer, mlflow_server, postgres  # noqa: F401
 
 WORKERS = 4
@@ -43,11 +42,6 @@ def tiny_study(folder, name: str):
             "space": {"width": {"type": "int", "low": 8, "high": 32},
                       "lr": {"type": "float", "low": 1e-3, "high": 0.3, "log": True}}}
     return write_study(folder, name, json.dumps(body))  # JSON is YAML
-
-
-def worker_env(tracking_uri: str, **extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    return env | {"MLFLOW_TRACKING_URI": tracking_uri, "OMP_NUM_THREADS": "1", **extra}
 
 
 def launch_workers(folder, study_path, env: dict, *storage: str) -> list:

@@ -4,8 +4,11 @@ killed process, and several worker processes sharing one study."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
+from pathlib import Path
 
 import pytest
 from optuna.trial import TrialState
@@ -20,6 +23,7 @@ from search_fixtures import (
     load,
     one_torch_thread,
     run_search,
+    store_uri,
     study_names,
     study_runs,
     write_study,
@@ -197,9 +201,24 @@ def _chain(folder):
     return studies
 
 
-def _inside(inner: dict, outer: dict) -> bool:
-    return all(outer[k]["low"] <= inner[k]["low"] <= inner[k]["high"] <= outer[k]["high"]
-               for k in outer)
+def _inside(study, parent) -> bool:
+    """The study's space lies in its parent's, but for the edges its narrowing record says were
+    widened past the parent's (a crowded edge), which lie exactly where the record says."""
+    inner, outer = study.user_attrs["space"], parent.user_attrs["space"]
+    for name, rec in study.user_attrs["narrowing"]["params"].items():
+        widened = {side: e["new"] for side, e in rec["edges"].items()
+                   if e["change"].startswith("widened")}
+        if not inner[name]["low"] < inner[name]["high"]:
+            return False
+        for side, past in (("low", lambda a, b: a < b), ("high", lambda a, b: a > b)):
+            edge, parent_edge = inner[name][side], outer[name][side]
+            if side in widened:
+                ok = edge == widened[side] and past(edge, parent_edge)
+            else:
+                ok = not past(edge, parent_edge)
+            if not ok:
+                return False
+    return set(inner) == set(outer)
 
 
 def test_a_third_study_narrows_from_the_fine_one(tmp_path, empty_mlflow_db):
@@ -214,8 +233,8 @@ def test_a_third_study_narrows_from_the_fine_one(tmp_path, empty_mlflow_db):
     alpha, beta, gamma = (load(tmp_path, k) for k in ("alpha", "beta", "gamma"))
     assert gamma.user_attrs["narrowing"]["parent"] == "beta"
     assert beta.user_attrs["narrowing"]["parent"] == "alpha"
-    assert _inside(gamma.user_attrs["space"], beta.user_attrs["space"])
-    assert _inside(beta.user_attrs["space"], alpha.user_attrs["space"])
+    assert _inside(gamma, beta)
+    assert _inside(beta, alpha)
     # the trials gamma narrowed from are beta's best, and its first trial is the best of them
     best = max((t for t in beta.trials if t.state == TrialState.COMPLETE),
                key=lambda t: (t.value, -t.number))
@@ -237,6 +256,72 @@ def test_smoke_mode_runs_a_chain_of_parents_first(tmp_path, empty_mlflow_db):
     assert load(tmp_path, "beta-smoke").user_attrs["narrowing"]["parent"] == "alpha-smoke"
     # gamma finds no parent and runs beta, which finds none and runs alpha
     assert result.out.index("parent beta-smoke") < result.out.index("parent alpha-smoke")
+
+
+def run_report(folder, *argv: str) -> tuple[int, str]:
+    """``python -m pipeline.report ARGV`` in-process, in ``folder`` and on its store."""
+    from pipeline.report import cli as report_cli
+
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        mp.setenv("MLFLOW_TRACKING_URI", store_uri(folder))
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            code = report_cli.main(list(argv))
+    return code, out.getvalue()
+
+
+def test_a_crowded_edge_widens_past_the_parent_and_the_record_and_report_say_so(
+        tmp_path, empty_mlflow_db):
+    """alpha searches width in 8..9 and depth in 1..2: beta's one best trial of alpha lies on an
+    edge of each, so both are flagged. width goes past its edge by the padding (margin 1 x a
+    tenth of the range, rounded outward: one step); depth would too, but beta's limits stop it
+    at alpha's edge. The record on the Optuna study and the MLflow run, the console and the
+    report's narrowing table all say so, with the old and the new edge."""
+    client = fresh_store(tmp_path, empty_mlflow_db)
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    space = {"width": {"type": "int", "low": 8, "high": 9},
+             "depth": {"type": "int", "low": 1, "high": 2}}
+    common = {"sampler": {"name": "random", "seed": 0}, "fixed": TINY}
+    write_study(studies, "alpha", json.dumps({"name": "alpha", **common, "n_trials": 3,
+                                              "space": space}))
+    write_study(studies, "beta", json.dumps({
+        "name": "beta", **common, "n_trials": 1, "parent": "alpha",
+        "narrow": {"top_k": 1, "margin": 1.0, "enqueue": 1},
+        "limits": {"depth": {"low": 1, "high": 2}}}))
+    assert run_search(tmp_path, "--study", str(studies / "alpha.yaml")).code == 0
+    result = run_search(tmp_path, "--study", str(studies / "beta.yaml"))
+    assert result.code == 0, result.err
+
+    alpha, beta = load(tmp_path, "alpha"), load(tmp_path, "beta")
+    record = beta.user_attrs["narrowing"]
+    best = alpha.trials[record["trials"][0]].params
+    side = "high" if best["width"] == 9 else "low"
+    old, new = (9, 10) if side == "high" else (8, 7)
+    depth_side = "high" if best["depth"] == 2 else "low"
+    assert record["boundary_flags"] == {"width": side, "depth": depth_side}
+    assert record["params"]["width"]["edges"] == {
+        side: {"change": "widened", "old": old, "new": new}}
+    assert record["params"]["depth"]["edges"] == {depth_side: {
+        "change": "clipped at limit", "old": best["depth"], "new": best["depth"],
+        "limit": best["depth"]}}
+    assert beta.user_attrs["space"]["width"][side] == new
+    assert beta.user_attrs["space"]["depth"] == {**space["depth"], "log": False, "step": 1}
+    assert beta.trials[0].params == best  # seeded with alpha's best, inside the new space
+    assert _inside(beta, alpha) and record["limits"]["depth"] == {"low": 1, "high": 2}
+    assert (f"width's best values crowd the {side} edge of alpha's range; the optimum may lie "
+            f"outside it: {side} {old} → {new} (widened)") in result.out
+
+    (run,) = study_runs(client, "beta")
+    logged = json.loads((Path(client.download_artifacts(run.info.run_id, "narrowing.json",
+                                                        str(tmp_path)))).read_text())
+    assert logged["params"] == record["params"]
+    code, printed = run_report(tmp_path, "--study", "beta", "--no-log")
+    assert code == 0, printed
+    report = (tmp_path / "reports" / "beta" / "report.md").read_text()
+    assert f"{side} {old} → {new} (widened)" in report
+    assert f"{depth_side} {best['depth']} (clipped at limit)" in report
 
 
 # -- resume ---------------------------------------------------------------------------------------

@@ -265,7 +265,8 @@ def narrowing(client, study_run):
                       .read_text())
 
 
-def test_narrowing_record_new_bounds_within_the_coarse_space(narrowing, studies):
+def test_narrowing_record_new_bounds_within_the_coarse_space_but_widened_edges(narrowing,
+                                                                              studies):
     coarse_space = studies["coarse"].user_attrs["space"]
     fixed = load_study("fine").fixed
     assert narrowing["parent"] == "coarse"
@@ -274,10 +275,19 @@ def test_narrowing_record_new_bounds_within_the_coarse_space(narrowing, studies)
     for name, rec in narrowing["params"].items():
         old, new = rec["old"], rec["new"]
         assert old == coarse_space[name]
-        assert old["low"] <= new["low"] < new["high"] <= old["high"]
+        assert new["low"] < new["high"]
+        for side, past in (("low", float.__lt__), ("high", float.__gt__)):
+            edge = rec["edges"].get(side, {})
+            if edge.get("change", "").startswith("widened"):  # a crowded edge: past coarse's
+                assert rec["boundary"] == side and past(float(new[side]), float(old[side]))
+                assert (edge["old"], edge["new"]) == (old[side], new[side])
+            else:  # narrowed, within coarse's range
+                assert not past(float(new[side]), float(old[side]))
         assert new["low"] <= min(rec["best_values"]) <= max(rec["best_values"]) <= new["high"]
         assert narrowing["space"][name] == new
         assert rec["boundary"] in (None, "low", "high")
+    assert narrowing["space"]["depth"]["high"] <= 8  # fine.yaml's limit
+    assert narrowing["space"]["eta_min"]["high"] <= narrowing["space"]["eta_max"]["low"]
     assert studies["fine"].user_attrs["space"] == narrowing["space"]
 
 

@@ -228,7 +228,8 @@ def test_cli_lists_every_problem_at_once_and_creates_nothing(in_tmp):
 
 @pytest.mark.parametrize("flags, message", [
     (["--study", "coarse", "--n-trials", "0"], "--n-trials must be at least 1"),
-    (["--study", "coarse", "--workers", "0"], "--workers must be at least 1"),
+    (["--study", "coarse", "--workers", "0"], "--workers: expected a whole number >= 1"),
+    (["--study", "coarse", "--workers", "many"], "--workers: expected a whole number"),
     (["--study", "coarse", "--dataset", "imagenet"], "--dataset 'imagenet' is not one of"),
     (["--study", "coarse", "--storage", "studies.txt"], "storage 'studies.txt' is not understood"),
     (["--study", "nosuch"], AVAILABLE),

@@ -189,7 +189,7 @@ def test_workers_logging_the_same_new_dataset_at_once_all_succeed(store):
                           source="{}")
         barrier, errors = threading.Barrier(len(runs)), []
 
-        def log(run_id):
+        def log(run_id, dataset=dataset, barrier=barrier, errors=errors):
             writer = spool.SpoolingClient(MlflowClient(uri), retry_seconds=20)
             barrier.wait()
             try:

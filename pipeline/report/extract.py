@@ -51,6 +51,7 @@ class StudyData:
     """Files of every complete trial that its views need: number -> {file name: content}."""
     recheck: dict | None = None  # the re-check's verdict (recheck.json), if the study has one
     recheck_runs: pd.DataFrame | None = None  # its runs: candidate, seed_index, value, test_acc
+    importance: object | None = None  # the report's build.Importance, once computed
 
     @property
     def complete(self) -> pd.DataFrame:
@@ -298,7 +299,10 @@ def top_trials(data: StudyData, n: int = 10) -> pd.DataFrame:
 
 
 def range_changes(data: StudyData) -> pd.DataFrame:
-    """Search ranges before and after narrowing, with boundary flags (fine studies only)."""
+    """Search ranges before and after narrowing, with boundary flags and the edges widened past
+    the parent's or stopped by a limit (fine studies only)."""
+    from pipeline.search.narrow import describe_edges
+
     if not data.narrowing:
         return pd.DataFrame()
     rows = []
@@ -306,7 +310,8 @@ def range_changes(data: StudyData) -> pd.DataFrame:
         old, new = rec["old"], rec["new"]
         rows.append({"param": name, "type": old["type"],
                      "parent_range": _fmt_range(old), "narrowed_range": _fmt_range(new),
-                     "boundary_flag": rec.get("boundary") or ""})
+                     "boundary_flag": rec.get("boundary") or "",
+                     "edges": describe_edges(rec.get("edges") or {})})
     return pd.DataFrame(rows)
 
 

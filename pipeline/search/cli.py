@@ -3,7 +3,7 @@
     python -m pipeline.search --study coarse            # studies/coarse.yaml
     python -m pipeline.search --study fine              # narrowed from coarse's best trials
     python -m pipeline.search --study coarse --smoke    # a few tiny trials, to check a study
-    python -m pipeline.search --study coarse --workers 2 --n-trials 40
+    python -m pipeline.search --study coarse --workers 1 --n-trials 40
 
 Re-running a study resumes it: ``n_trials`` counts the study's trials in total. Exit codes: 0 done,
 1 failed (trials kept failing, or the tracking store went away: see pipeline.tracking.spool), 2
@@ -17,7 +17,15 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pipeline.cli import EXIT_BAD_INPUT, EXIT_FAILED, Parser, str_or_none, whole, whole_or_none
+from pipeline.cli import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    WORKERS_HELP,
+    Parser,
+    str_or_none,
+    whole_or_none,
+    workers,
+)
 from pipeline.search.studyfile import SMOKE_TRIALS
 
 
@@ -30,7 +38,7 @@ class SearchOptions:
     dataset: str | None = None
     storage: str | None = None
     seed: int | None = None
-    workers: int = 1
+    workers: int | None = 1  # None: auto (pipeline.search.processes.worker_count)
     smoke: bool = False
     experiment: str | None = None
     studies_dir: str | None = None
@@ -52,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", type=str_or_none, default=None,
                    help="Optuna storage (default: OPTUNA_STORAGE, else ./optuna.journal)")
     p.add_argument("--seed", type=whole_or_none, default=None, help="override the sampler seed")
-    p.add_argument("--workers", type=whole, default=1, help="worker processes on this machine")
+    p.add_argument("--workers", type=workers, default="", help=WORKERS_HELP)
     p.add_argument("--smoke", action="store_true",
                    help=f"{SMOKE_TRIALS} tiny trials in a separate '-smoke' study")
     p.add_argument("--experiment", default=None, help="MLflow experiment name")
@@ -65,8 +73,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     problems = []
     if args.n_trials is not None and args.n_trials < 1:
         problems.append(f"--n-trials must be at least 1 (got {args.n_trials})")
-    if args.workers < 1:
-        problems.append(f"--workers must be at least 1 (got {args.workers})")
     if problems:
         print("error: " + "; ".join(problems), file=sys.stderr)
         return EXIT_BAD_INPUT

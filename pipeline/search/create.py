@@ -11,8 +11,14 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline import names
-from pipeline.config import ConfigError, TrainConfig, planned_epochs
-from pipeline.search import narrow, space as space_mod, storage as storage_mod, study_run
+from pipeline.config import ConfigError, describe_fidelity, epoch_range, fidelity, format_problems
+from pipeline.search import (
+    limits as limits_mod,
+    narrow,
+    space as space_mod,
+    storage as storage_mod,
+    study_run,
+)
 from pipeline.search.plan import Plan
 from pipeline.search.samplers import make_pruner, make_sampler
 from pipeline.search.studyfile import STUDIES_DIR, StudyConfig, load_study
@@ -39,16 +45,33 @@ def narrow_from_parent(plan: Plan, storage) -> dict:
     parent_space = parent.user_attrs["space"]
     trials = [{"number": t.number, "value": t.value, "params": t.params}
               for t in parent.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-    rule = plan.cfg.narrow
-    keep = [n for n in parent_space if n not in plan.cfg.fixed]
+    cfg, rule = plan.cfg, plan.cfg.narrow
+    limits, problems = limits_mod.derived_limits(parent_space, cfg.limits, cfg.space, cfg.fixed)
+    if problems:
+        raise ConfigError(format_problems(f"study file {plan.study_file}", problems))
     record = narrow.narrow_space(
         parent_space, trials, parent.user_attrs.get("direction", "maximize"),
         top_k=rule.top_k, top_fraction=rule.top_fraction, margin=rule.margin,
-        boundary_fraction=rule.boundary_fraction, enqueue=rule.enqueue, keep=keep)
+        boundary_fraction=rule.boundary_fraction, enqueue=rule.enqueue,
+        keep=[n for n in parent_space if n not in cfg.fixed], limits=limits)
     record["parent"] = plan.parent_key
-    for name, edge in record["boundary_flags"].items():
-        print(f"[{plan.key}] warning: {name}'s best values crowd the {edge} edge of "
-              f"{plan.parent_key}'s range; the optimum may lie outside it")
+    # The classic recipe explores short and small, then exploits long and full: say how each ran.
+    record["fidelity"] = {
+        "parent": fidelity(parent.user_attrs.get("fixed", {}),
+                           space_mod.bounds(space_mod.from_plain(parent_space))),
+        "this": fidelity(cfg.fixed, space_mod.bounds(space_mod.from_plain(record["space"])))}
+    before, now = record["fidelity"]["parent"], record["fidelity"]["this"]
+    if before != now:
+        print(f"[{plan.key}] {plan.parent_key} trained on {describe_fidelity(before)}; this "
+              f"study trains on {describe_fidelity(now)}")
+    for name, rec in record["params"].items():
+        edges = narrow.describe_edges(rec["edges"])
+        if rec["boundary"]:
+            print(f"[{plan.key}] warning: {name}'s best values crowd the {rec['boundary']} edge "
+                  f"of {plan.parent_key}'s range; the optimum may lie outside it"
+                  + (f": {edges}" if edges else ""))
+        elif edges:
+            print(f"[{plan.key}] {name}: {edges}")
     return record
 
 
@@ -103,14 +126,7 @@ def create_or_load(plan: Plan, storage, narrowing):
 
 def max_epochs(cfg: StudyConfig, search_space: dict) -> int:
     """The longest a trial can train, for Hyperband's max_resource."""
-    def top(name):
-        spec = search_space.get(name)
-        if spec is None:
-            return cfg.fixed.get(name, TrainConfig.model_fields[name].default)
-        return max(spec.choices) if spec.type == "categorical" else spec.high
-
-    return int(planned_epochs(cfg.fixed.get("schedule", "cyclical"), top("epochs"),
-                              top("step_size_epochs"), top("cycles")))
+    return int(epoch_range(cfg.fixed, space_mod.bounds(search_space))[1])
 
 
 def start_study_run(client, experiment_id, plan: Plan, study, search_space) -> str:

@@ -27,10 +27,10 @@ from pipeline.search import (
     winner,
 )
 from pipeline.search.close import close_study_run, print_summary
-from pipeline.search.plan import NO_RECHECK_OVERRIDES, Plan, plan_study, source_opts, studies_folder
-from pipeline.search.processes import run_processes
+from pipeline.search.plan import ON_BEHALF, Plan, plan_study, source_opts, studies_folder
+from pipeline.search.processes import fork_pool, run_workers
 from pipeline.search.summary import summarize
-from pipeline.search.worker import fail_stale, run_worker
+from pipeline.search.worker import fail_stale
 from pipeline.tracking import client as tracking, context, spool
 from pipeline.tracking.writer import QueuedClient
 from pipeline.training.data import DatasetNotFound, load_splits
@@ -70,8 +70,18 @@ def run_study(opts) -> int:
             and not Path(plan.storage.path).exists()):
         raise narrow.NarrowingError(create.run_parent_first(plan))
     fixed = plan.cfg.fixed
-    load_splits(plan.cfg.dataset, fixed.get("data_dir"), fixed.get("data_seed", 0),
-                fixed.get("val_fraction", 0.2), fixed.get("n_per_class"))
+    pool = fork_pool(opts.workers, lambda: load_splits(
+        plan.cfg.dataset, fixed.get("data_dir"), fixed.get("data_seed", 0),
+        fixed.get("val_fraction", 0.2), fixed.get("n_per_class")))
+    try:
+        return _run_study(opts, plan, pool)
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def _run_study(opts, plan: Plan, pool) -> int:
+    """run_study once the dataset is loaded and the helpers forked."""
     store_exists = tracking.check_uri()  # creates no store file: a later check may still fail
     client = source = None
     if plan.source_key:  # the source's winner, before the Optuna storage is created
@@ -92,20 +102,19 @@ def run_study(opts) -> int:
             print(f"[{plan.key}] parent {plan.parent_key} has no completed trial: "
                   "running it in smoke mode first")
             run_study(replace(opts, study=plan.cfg.parent, n_trials=None,
-                              studies_dir=studies_folder(opts), **NO_RECHECK_OVERRIDES))
+                              studies_dir=studies_folder(opts), **ON_BEHALF))
         narrowing = create.narrow_from_parent(plan, storage)
     client = client or spool.SpoolingClient(tracking.tracking_client())
     # Every check has passed: the trials' MLflow writer starts now, so that its start-up
     # (importing MLflow, about a second) overlaps the study's setup rather than its first trials.
-    writer = QueuedClient(client) if opts.workers == 1 else None
+    writer = QueuedClient(client)  # this process is the first worker (processes.py)
     try:
-        return _run_checked(opts, plan, storage, narrowing, client, source, writer)
+        return _run_checked(opts, plan, storage, narrowing, client, source, writer, pool)
     finally:
-        if writer is not None:
-            writer.close()
+        writer.close()
 
 
-def _run_checked(opts, plan: Plan, storage, narrowing, client, source, writer) -> int:
+def _run_checked(opts, plan: Plan, storage, narrowing, client, source, writer, pool) -> int:
     """run_study after every check: create or resume the study and its run, run the trials."""
     study, search_space = create.create_or_load(plan, storage, narrowing)
     fail_stale(study, plan, client)
@@ -120,13 +129,14 @@ def _run_checked(opts, plan: Plan, storage, narrowing, client, source, writer) -
     try:
         try:
             # A re-check alone (python -m pipeline.recheck) runs no search trial.
-            broken = not plan.recheck_only and _run(opts, plan, ctx, study, client, writer)
+            broken = not plan.recheck_only and run_workers(opts, plan, ctx, study, client,
+                                                           writer, pool)
             if not broken and plan.cfg.recheck:
                 stage = recheck.prepare(plan, storage, study, ctx)
             if stage is not None:
                 print(f"[{plan.key}] re-check: the {len(stage.ctx.candidates)} best trials, "
                       f"{stage.ctx.seeds} fresh seeds each ({stage.plan.key})", flush=True)
-                broken = _run(opts, stage.plan, stage.ctx, stage.study, client, writer)
+                broken = run_workers(opts, stage.plan, stage.ctx, stage.study, client, writer, pool)
         except (tracking.TrackingUnavailable, spool.TrackingLost) as err:  # not bad input now
             raise spool.TrackingLost(f"[{plan.key}] {err}".replace(
                 "--study NAME", f"--study {plan.key}")) from None
@@ -144,14 +154,6 @@ def _run_checked(opts, plan: Plan, storage, narrowing, client, source, writer) -
               file=sys.stderr)
         return EXIT_FAILED
     return 0
-
-
-def _run(opts, plan: Plan, ctx, study, client, writer) -> bool:
-    """Run the trials of ``plan`` (a search, or its re-check) in this process or in
-    ``--workers`` processes; True when they stopped because trials kept failing."""
-    if opts.workers > 1:
-        return run_processes(opts, plan, ctx)
-    return run_worker(ctx, study, plan, client, quiet=opts.quiet, writer=writer)
 
 
 def _nothing_to_recheck(plan: Plan) -> str:

@@ -90,8 +90,10 @@ def source_opts(opts, cfg: StudyConfig):
     in smoke mode on digits, so that checking a transfer study needs no download."""
     return replace(opts, study=cfg.source, dataset="digits" if opts.smoke else None,
                    n_trials=None, seed=None, studies_dir=studies_folder(opts),
-                   **NO_RECHECK_OVERRIDES)
+                   **ON_BEHALF)
 
 
-# What a study run on another's behalf (a parent, a source) must not inherit.
-NO_RECHECK_OVERRIDES = {"recheck_top_k": None, "recheck_seeds": None, "recheck_only": False}
+# What a study run on another's behalf (a parent, a source) must not inherit: the re-check
+# overrides, and helper workers (the launcher has opened its stores, which a fork must not copy:
+# processes.fork_pool).
+ON_BEHALF = {"recheck_top_k": None, "recheck_seeds": None, "recheck_only": False, "workers": 1}

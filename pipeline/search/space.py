@@ -38,6 +38,18 @@ def distributions(space: Mapping[str, Any]) -> dict[str, optuna.distributions.Ba
     return out
 
 
+def bounds(space: Mapping[str, Any]) -> dict[str, tuple]:
+    """The lowest and highest value of each numeric parameter (categoricals of numbers too)."""
+    out = {}
+    for name, spec in space.items():
+        if isinstance(spec, (FloatParam, IntParam)):
+            out[name] = (spec.low, spec.high)
+        elif isinstance(spec, CategoricalParam) and all(
+                isinstance(c, (int, float)) and not isinstance(c, bool) for c in spec.choices):
+            out[name] = (min(spec.choices), max(spec.choices))
+    return out
+
+
 def grid(space: Mapping[str, CategoricalParam]) -> dict[str, list]:
     """Search space for Optuna's GridSampler."""
     return {name: list(spec.choices) for name, spec in space.items()}

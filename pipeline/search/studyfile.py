@@ -1,8 +1,8 @@
 """Study definitions: ``studies/*.yaml`` validated into typed, frozen configs.
 
 A bad file is reported with every problem at once (unknown keys, empty or inverted ranges, log
-ranges touching zero, unknown sampler / pruner / dataset, a missing parent), before anything is
-created in a store.
+ranges touching zero, limits outside a setting's nature, unknown sampler / pruner / dataset, a
+missing parent), before anything is created in a store.
 """
 
 from __future__ import annotations
@@ -19,14 +19,8 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from pipeline.config import ConfigError, Dataset, TrainConfig, format_problems, validation_problems
-from pipeline.search.params import (
-    BundleParam,
-    CategoricalParam,
-    FloatParam,
-    FrozenModel,
-    IntParam,
-    ParamSpec,
-)
+from pipeline.search.limits import Limit, limit_problems, pair_problems
+from pipeline.search.params import BundleParam, CategoricalParam, FrozenModel, ParamSpec
 
 STUDIES_DIR = Path(__file__).resolve().parents[2] / "studies"
 # The report views a study file may name; pipeline.report.views.registry implements each (a test
@@ -34,7 +28,6 @@ STUDIES_DIR = Path(__file__).resolve().parents[2] / "studies"
 REPORT_VIEWS = ("curves", "overfitting", "batch_size", "width_depth", "ablation", "train_size",
                 "transfer")
 SMOKE_TRIALS = 3  # a smoke run: this many tiny trials, to check a study file
-ORDERED_PAIRS = (("eta_min", "eta_max"),)  # (low, high) parameters that must never cross
 
 
 class Objective(FrozenModel):
@@ -109,6 +102,8 @@ class StudyConfig(FrozenModel):
     parent: str | None = None
     """A study (name under studies/) whose best trials narrow this study's space."""
     narrow: NarrowConfig = NarrowConfig()
+    limits: dict[str, Limit] = {}
+    """Hard limits a range derived from the parent never passes (pipeline.search.limits)."""
     source: str | None = None
     """A study (name under studies/) whose best trial is this study's transfer checkpoint:
     every trial takes its architecture and input size, and `transfer` linear_probe / fine_tune
@@ -147,8 +142,8 @@ def _semantic_problems(cfg: StudyConfig, studies_dir: Path) -> list[str]:
         problems += [f"space.{name}: {p}" for p in spec.problems()]
         if name in cfg.fixed:
             problems.append(f"space.{name}: also given in fixed; keep one")
-    for low_name, high_name in ORDERED_PAIRS:
-        problems += _pair_problems(cfg, low_name, high_name)
+    problems += pair_problems(cfg.space, cfg.fixed)
+    problems += limit_problems(cfg.limits, cfg.space, cfg.fixed, cfg.parent is not None)
     if cfg.sampler.name == "grid":
         problems += [f"space.{n}: the grid sampler needs categorical parameters"
                      for n, s in cfg.space.items()
@@ -180,22 +175,6 @@ def _semantic_problems(cfg: StudyConfig, studies_dir: Path) -> list[str]:
         problems += [f"fixed.{p}" for p in validation_problems(err)
                      if not any(p.startswith(f"{n}:") for n in cfg.space)]
     return problems
-
-
-def _pair_problems(cfg: StudyConfig, low_name: str, high_name: str) -> list[str]:
-    def bounds(name):
-        spec = cfg.space.get(name)
-        if isinstance(spec, (FloatParam, IntParam)):
-            return spec.low, spec.high
-        if name in cfg.fixed and isinstance(cfg.fixed[name], (int, float)):
-            return cfg.fixed[name], cfg.fixed[name]
-        return None
-
-    lo, hi = bounds(low_name), bounds(high_name)
-    if lo and hi and lo[1] > hi[0]:
-        return [f"space: {low_name} (up to {lo[1]:g}) can exceed {high_name} (from {hi[0]:g}); "
-                f"make {low_name}'s high <= {high_name}'s low"]
-    return []
 
 
 def _transfers(cfg: StudyConfig, params: dict) -> bool:

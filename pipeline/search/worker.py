@@ -56,18 +56,18 @@ def _own_sampler_seed(study, plan: Plan, search_space: dict) -> None:
 
 
 def run_worker(ctx, study, plan: Plan, client, quiet: bool = False,
-               writer: QueuedClient | None = None) -> bool:
+               writer: QueuedClient | None = None, after_trial=None) -> bool:
     """Claim and run trials until the budget is spent. Returns True when it stopped because
     too many trials failed in a row (a broken study, not bad luck).
 
     The trials' MLflow writes go through a `QueuedClient` (``writer``, else one made here on
     ``client``): a child process performs them while the next trial trains, and all of them
-    are done when this returns."""
+    are done when this returns. ``after_trial(seconds)`` is called after each trial."""
     _own_sampler_seed(study, plan, ctx.space)
     own = writer is None
     writer = QueuedClient(client) if own else writer
     try:
-        return _run_trials(ctx, study, plan, writer, quiet)
+        return _run_trials(ctx, study, plan, writer, quiet, after_trial)
     finally:
         if own:
             writer.close()
@@ -75,7 +75,8 @@ def run_worker(ctx, study, plan: Plan, client, quiet: bool = False,
             writer.flush()
 
 
-def _run_trials(ctx, study, plan: Plan, client: QueuedClient, quiet: bool) -> bool:
+def _run_trials(ctx, study, plan: Plan, client: QueuedClient, quiet: bool,
+                after_trial=None) -> bool:
     from tqdm import tqdm
 
     deadline = time.time() + plan.cfg.timeout if plan.cfg.timeout else None
@@ -92,10 +93,13 @@ def _run_trials(ctx, study, plan: Plan, client: QueuedClient, quiet: bool) -> bo
             frozen = study.tell(trial, value, state=state)
             trial = None
             client.check()  # a write that failed for good stops the worker, with its reason
-            line = format_trial_line(frozen, time.perf_counter() - t0, ctx.study.objective.metric)
+            seconds = time.perf_counter() - t0
+            line = format_trial_line(frozen, seconds, ctx.study.objective.metric)
             bar.write(line) if not bar.disable else print(line, flush=True)
             bar.update(1 if state in FINISHED else 0)
             failures = failures + 1 if state == TrialState.FAIL else 0
+            if after_trial is not None:
+                after_trial(seconds)
             if failures >= MAX_CONSECUTIVE_FAILURES:
                 print(f"[{plan.key}] stopping: {failures} trials in a row failed; last error: "
                       f"{frozen.user_attrs.get('error')}", flush=True)

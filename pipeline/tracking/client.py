@@ -39,6 +39,18 @@ class StoreMissing(TrackingUnavailable):
     stops here rather than create it."""
 
 
+def forget_inherited_connections() -> None:
+    """In a process just forked from one that had opened MLflow SQL stores: give each store's
+    engine a fresh connection pool, leaving the parent's connections to the parent (SQLAlchemy's
+    recipe for a fork: ``Engine.dispose(close=False)``)."""
+    import sys
+
+    store = sys.modules.get("mlflow.store.tracking.sqlalchemy_store")
+    if store is not None:
+        for engine in list(store.SqlAlchemyStore._engine_map.values()):
+            engine.dispose(close=False)
+
+
 def tracking_client() -> MlflowClient:
     """A client on the standard URI resolution (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db),
     for writing: a SQLite store is created when missing, and put in WAL mode."""

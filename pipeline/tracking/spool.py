@@ -38,7 +38,8 @@ FINAL_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_
 # Two writers inserting the same row at once (e.g. two workers logging the same dataset input for
 # the first time): the store refuses the second insert, but the first one has committed, so the
 # same request retried finds the row and succeeds. PostgreSQL, SQLite and MySQL spellings.
-CONFLICTS = ("UniqueViolation", "duplicate key value", "UNIQUE constraint failed", "Duplicate entry")
+CONFLICTS = ("UniqueViolation", "duplicate key value", "UNIQUE constraint failed",
+             "Duplicate entry")
 
 
 class TrackingLost(RuntimeError):
