@@ -98,7 +98,7 @@ def inner(key: str, profile: str | None) -> None:
         setattr(module, name, wrapper)
 
     timed(rd, "extract_study", "extract (MLflow queries, artifacts)")
-    timed(report, "_importances", "importance (fANOVA)")
+    timed(report, "_compute_importance", "importance (fANOVA)")
     for name in FIGURES:
         timed(rf, name, "figures: build")
     timed(figures, "to_png", "figures: render PNG")

@@ -293,21 +293,24 @@ def test_histories_of_the_top_trials_and_the_best_trials_artifacts(coarse):
 
 def test_range_changes_from_narrowing_json(fine):
     rows = rd.range_changes(fine).to_dict("records")
-    # Top 3 of COARSE: l2_lambda 1.2e-5, 1.5e-5, 2e-5, padded by 0.25 of their span in log space.
-    low, high = 1.2e-5 * (1.2 / 2) ** 0.25, 2e-5 * (2 / 1.2) ** 0.25
+    # Top 3 of COARSE: l2_lambda 1.2e-5, 1.5e-5, 2e-5, padded by 0.25 of their span in log space;
+    # they crowd the low edge, so the low side goes that far past the parent's 1e-5 (widened).
+    low, high = 1e-5 * (1.2 / 2) ** 0.25, 2e-5 * (2 / 1.2) ** 0.25
     assert rows == [
         {"param": "l2_lambda", "type": "float", "parent_range": "[1e-05, 0.1] (log)",
-         "narrowed_range": f"[{low:.4g}, {high:.4g}] (log)", "boundary_flag": "low"},
+         "narrowed_range": f"[{low:.4g}, {high:.4g}] (log)", "boundary_flag": "low",
+         "edges": f"low 1e-05 → {low:.4g} (widened)"},
         {"param": "eta_max", "type": "float", "parent_range": "[0.001, 1] (log)",
-         "narrowed_range": "[0.1807, 0.332] (log)", "boundary_flag": ""},
+         "narrowed_range": "[0.1807, 0.332] (log)", "boundary_flag": "", "edges": ""},
         {"param": "width", "type": "int", "parent_range": "[16, 256]",
-         "narrowed_range": "[110, 218]", "boundary_flag": ""},
+         "narrowed_range": "[110, 218]", "boundary_flag": "", "edges": ""},
         {"param": "cycles", "type": "int", "parent_range": "[1, 3]", "narrowed_range": "[1, 3]",
-         "boundary_flag": ""},
+         "boundary_flag": "", "edges": ""},
         {"param": "activation", "type": "categorical", "parent_range": "{relu, tanh}",
-         "narrowed_range": "{relu}", "boundary_flag": ""},
+         "narrowed_range": "{relu}", "boundary_flag": "", "edges": ""},
     ]
-    assert rows[0]["narrowed_range"] == "[1.056e-05, 2.272e-05] (log)"
+    assert rows[0]["narrowed_range"] == "[8.801e-06, 2.272e-05] (log)"
+    assert rows[0]["edges"] == "low 1e-05 → 8.801e-06 (widened)"
     assert fine.space["l2_lambda"]["low"] == pytest.approx(low)
 
 
@@ -340,6 +343,147 @@ def test_planned_epochs_unknown_is_nan():
     assert np.isnan(rd.planned_epochs({"schedule": "constant"}))
 
 
+# -- hyperparameter importance ------------------------------------------------------------------
+
+# A study whose objective is a known function of eta_max alone (linear in its log); the other
+# parameters are drawn at random and do nothing. Every tenth trial from the 5th fails and every
+# tenth from the 8th is pruned: importance is over the complete trials, all of them.
+N_IMPORTANCE = 30
+
+
+def eta_only(eta_max: float) -> float:
+    return 0.5 + 0.4 * (np.log10(eta_max) + 3) / 3  # 0.5 at eta_max 1e-3, 0.9 at 1
+
+
+def importance_trials(n: int = N_IMPORTANCE, seed: int = 0) -> list[SynTrial]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        params = {"l2_lambda": float(10 ** rng.uniform(-5, -1)),
+                  "eta_max": float(10 ** rng.uniform(-3, 0)),
+                  "width": int(rng.integers(16, 257)), "cycles": int(rng.integers(1, 4)),
+                  "activation": str(rng.choice(["relu", "tanh"]))}
+        if k % 10 == 4:
+            out.append(SynTrial(k, "failed", 0, None, None, params))
+        elif k % 10 == 7:
+            out.append(SynTrial(k, "pruned", 1, 0.3, None, params))
+        else:
+            value = float(eta_only(params["eta_max"]))
+            out.append(SynTrial(k, "complete", 2 * params["cycles"], value,
+                                round(value * 360) / 360, params))  # a test_acc of k / 360
+    return out
+
+
+def optuna_fanova(trials: list[SynTrial]) -> dict[str, float]:
+    """The oracle: a real Optuna study made straight from the construction (create_trial on
+    SPACE's distributions, written out here), fANOVA seeded as the report seeds it."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    dists = {"l2_lambda": FloatDistribution(1e-5, 1e-1, log=True),
+             "eta_max": FloatDistribution(1e-3, 1.0, log=True),
+             "width": IntDistribution(16, 256), "cycles": IntDistribution(1, 3),
+             "activation": CategoricalDistribution(["relu", "tanh"])}
+    study = optuna.create_study(direction="maximize")
+    for t in trials:
+        if t.state == "complete":
+            study.add_trial(optuna.trial.create_trial(params=t.params, distributions=dists,
+                                                      value=t.value))
+    raw = optuna.importance.FanovaImportanceEvaluator(seed=0).evaluate(study)
+    return {k: v / sum(raw.values()) for k, v in raw.items()}
+
+
+@pytest.fixture(scope="module")
+def importance_store(tmp_path_factory, empty_mlflow_db):
+    """syn-importance (importance_trials) and syn-outside (the same, plus a complete trial
+    whose width lies outside the space searched, as a study re-made under the same name with
+    another space leaves in a store)."""
+    from mlflow.tracking import MlflowClient
+    from report_fixtures import build_study
+
+    folder = tmp_path_factory.mktemp("importance-store")
+    shutil.copyfile(empty_mlflow_db, folder / "mlflow.db")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    trials = importance_trials()
+    outside = SynTrial(N_IMPORTANCE, "complete", 2, 0.6, 216 / 360,
+                       {**trials[0].params, "width": 300})
+    build_study(client, "syn-importance", trials, folder=folder)
+    build_study(client, "syn-outside", [*trials, outside], folder=folder)
+    return SimpleNamespace(folder=folder, uri=uri, client=client, trials=trials,
+                           outside=outside)
+
+
+def test_importance_puts_the_parameter_that_drives_the_objective_first_from_every_trial(
+        importance_store):
+    trials = importance_store.trials
+    data = rd.extract_study(importance_store.client, "syn-importance")
+    imp = report.importance(data)
+    complete = [t.number for t in trials if t.state == "complete"]
+    assert len(complete) == 24 and len(data.complete) == 24
+    assert imp.used == complete and imp.left_out == {} and imp.reason == ""  # none dropped
+    values = imp.values
+    assert set(values) == set(SPACE) and sum(values.values()) == pytest.approx(1.0)
+    assert list(values)[0] == "eta_max"  # most important first
+    assert values["eta_max"] > 0.8
+    assert all(values[n] < 0.1 for n in SPACE if n != "eta_max")
+    # Exactly what Optuna's fANOVA says on the trials as constructed: nothing lost or altered
+    # on the way through MLflow, and the evaluator is fANOVA (as labelled), seeded.
+    assert values == pytest.approx(optuna_fanova(trials), rel=1e-9, abs=1e-12)
+    assert report.importance(data) is imp  # computed once, shared with the figure workers
+
+
+def test_importance_in_the_report_table_and_text(importance_store, tmp_path):
+    result = run_report(tmp_path, importance_store.uri, "--study", "syn-importance",
+                        "--no-log")
+    assert result.code == 0, result.err
+    folder = tmp_path / "reports" / "syn-importance"
+    table = pd.read_csv(folder / "importance.csv")
+    oracle = optuna_fanova(importance_store.trials)
+    assert table.param.tolist() == sorted(oracle, key=lambda k: -oracle[k])
+    assert table.importance.tolist() == pytest.approx([oracle[k] for k in table.param])
+    md = (folder / "report.md").read_text()
+    assert "Importance (fANOVA) computed from 24 of 24 complete trials." in md
+    assert "importance.png" in assert_complete_report(folder)
+
+
+def test_importance_says_which_trials_it_left_out_and_why(importance_store, tmp_path):
+    """A complete trial it cannot use is named, with the reason, in the report's text; the
+    importance is then that of the others (the report used to stop on such a trial)."""
+    result = run_report(tmp_path, importance_store.uri, "--study", "syn-outside", "--no-log")
+    assert result.code == 0, result.err
+    n = importance_store.outside.number
+    md = (tmp_path / "reports" / "syn-outside" / "report.md").read_text()
+    assert (f"Importance (fANOVA) computed from 24 of 25 complete trials; left out: trial {n} "
+            "(width=300 outside [16, 256]).") in md
+    table = pd.read_csv(tmp_path / "reports" / "syn-outside" / "importance.csv")
+    oracle = optuna_fanova(importance_store.trials)
+    assert dict(zip(table.param, table.importance)) == pytest.approx(oracle)
+
+
+def test_importance_names_a_missing_value_and_why_nothing_was_computed(importance_store):
+    import dataclasses
+
+    data = rd.extract_study(importance_store.client, "syn-importance")
+    trials = data.trials.copy()
+    first = int(data.complete.number.iloc[0])
+    trials.loc[trials.number == first, "cycles"] = np.nan  # a run that logged no cycles
+    imp = report.importance(dataclasses.replace(data, trials=trials, importance=None))
+    assert imp.left_out == {first: "no value for cycles"}
+    assert len(imp.used) == 23 and first not in imp.used and imp.values
+    assert imp.note().endswith(f"; left out: trial {first} (no value for cycles).")
+
+    flat = data.trials.assign(objective=0.9)  # the objective never varies
+    imp = report.importance(dataclasses.replace(data, trials=flat, importance=None))
+    assert imp.values == {} and len(imp.used) == 24
+    assert imp.note() == ("Importance not computed: the objective has the same value in every "
+                          "trial.")
+    few = data.trials[data.trials.number.isin([0, 1])]
+    imp = report.importance(dataclasses.replace(data, trials=few, importance=None))
+    assert imp.values == {} and imp.used == [0, 1]
+    assert imp.reason == "2 usable complete trial(s), at least 3 needed"
+
+
 # -- the CLI end to end ---------------------------------------------------------------------------
 
 
@@ -358,12 +502,12 @@ def test_cli_writes_a_complete_report(fine_report):
     names = assert_complete_report(folder)
     # One study with a parent: the side-by-side section, then the study's own figures.
     assert names == ["compare.png", *(f"{f}.png" for f in STUDY_FIGURES)]
-    assert {"summary.csv", "top_trials.csv", "narrowing.csv", "comparison.csv",
+    assert {"summary.csv", "top_trials.csv", "narrowing.csv", "importance.csv", "comparison.csv",
             "index.html", "report.md"} <= {p.name for p in
                                                                   folder.iterdir()}
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no leftovers
     page = (folder / "index.html").read_text()
-    assert TITLE.search(page) and page.count("<table") == 4
+    assert TITLE.search(page) and page.count("<table") == 5
 
 
 def test_cli_tables_hold_the_constructed_numbers(fine_report):
@@ -389,9 +533,10 @@ def test_cli_tables_hold_the_constructed_numbers(fine_report):
 
     ranges = pd.read_csv(folder / "narrowing.csv", keep_default_na=False)
     assert ranges.param.tolist() == list(SPACE)
-    assert ranges.narrowed_range.tolist()[:3] == ["[1.056e-05, 2.272e-05] (log)",
+    assert ranges.narrowed_range.tolist()[:3] == ["[8.801e-06, 2.272e-05] (log)",
                                                   "[0.1807, 0.332] (log)", "[110, 218]"]
     assert ranges.boundary_flag.tolist() == ["low", "", "", "", ""]
+    assert ranges.edges.tolist() == ["low 1e-05 → 8.801e-06 (widened)", "", "", "", ""]
 
     comparison = pd.read_csv(folder / "comparison.csv")
     assert comparison.study.tolist() == ["syn-coarse", "syn-fine"]  # the parent, then the study
@@ -866,7 +1011,8 @@ def test_report_page_prints_cleanly(fine_report, chromium):
     url = (folder / "index.html").resolve().as_uri()
     printed = chromium.layout(url, 1280, media="print", expression=PRINT_JS)
     assert printed["back"] and set(printed["back"]) == {"none"}
-    assert len(printed["keep"]) == 4 + 1 + len(STUDY_FIGURES)
+    # tables (summary, top trials, narrowing, importance, comparison), the contents, figures
+    assert len(printed["keep"]) == 5 + 1 + len(STUDY_FIGURES)
     assert set(printed["keep"]) == {"avoid"}
     assert printed["background"] == "rgb(255, 255, 255)"
     screen = chromium.layout(url, 1280, expression=PRINT_JS)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,35 +16,116 @@ import pandas as pd
 from pipeline import gc_policy, names
 from pipeline.report.render import Section, write_report
 
+MIN_IMPORTANCE_TRIALS = 3
 
-def _importances(data) -> dict[str, float]:
-    """fANOVA importance from the MLflow data alone (an in-memory Optuna study)."""
+
+@dataclass
+class Importance:
+    """Hyperparameter importance as the report computed it, and what it could not use."""
+
+    values: dict[str, float]  # parameter -> share (fANOVA, normalised), most important first
+    used: list[int]  # the complete trials it was computed from (trial numbers)
+    left_out: dict[int, str]  # complete trials it could not use -> why
+    reason: str = ""  # why there are no values, when there are none
+
+    def note(self) -> str:
+        """One sentence for the report: from how many trials, what was left out and why."""
+        n = len(self.used) + len(self.left_out)
+        text = (f"Importance (fANOVA) computed from {len(self.used)} of {n} complete trials"
+                if self.values else f"Importance not computed: {self.reason}")
+        if self.left_out:
+            text += "; left out: " + "; ".join(f"trial {k} ({why})"
+                                               for k, why in sorted(self.left_out.items()))
+        return text + "."
+
+
+def _unusable(spec: dict, value) -> str | None:
+    """Why a logged value cannot stand for a trial of ``spec``'s parameter, or None."""
+    if spec["type"] in ("categorical", "bundle"):
+        return None if value in list(spec["choices"]) else "not one of the choices"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return "not a number"
+    if spec["type"] == "int" and number != int(number):
+        return "not an integer"
+    if not spec["low"] <= number <= spec["high"]:
+        return f"outside [{spec['low']:g}, {spec['high']:g}]"
+    return None
+
+
+def importance(data) -> Importance:
+    """fANOVA importance from the MLflow data alone (an in-memory Optuna study), over every
+    complete trial; a trial it cannot use, and a failure to compute, are said, not hidden.
+    Computed once per StudyData (before the figure workers fork, which then share it)."""
+    if data.importance is None:
+        data.importance = _compute_importance(data)
+    return data.importance
+
+
+def _compute_importance(data) -> Importance:
     import optuna
 
     from pipeline.search import space as space_mod
 
     dists = space_mod.distributions(space_mod.from_plain(data.space))
-    trials = []
+    trials, used, left_out = [], [], {}
     for _, row in data.complete.iterrows():
-        params = {n: row[n] for n in dists if n in row and pd.notna(row[n])}
+        number = int(row.number)
+        logged = {n: None if n not in row or pd.isna(row[n]) else row[n] for n in dists}
+        missing = [n for n, v in logged.items()  # None stands for itself where it is a choice
+                   if v is None and not (data.space[n]["type"] in ("categorical", "bundle")
+                                         and None in list(data.space[n]["choices"]))]
+        if missing:
+            left_out[number] = f"no value for {', '.join(missing)}"
+            continue
+        bad = {n: why for n, v in logged.items() if (why := _unusable(data.space[n], v))}
+        if bad:
+            left_out[number] = ", ".join(f"{n}={logged[n]!r} {why}" for n, why in bad.items())
+            continue
+        value = float(row.objective) if pd.notna(row.objective) else math.nan
+        if not math.isfinite(value):
+            left_out[number] = f"objective {value}"
+            continue
         params = {n: (int(v) if isinstance(dists[n], optuna.distributions.IntDistribution) else
                       float(v) if isinstance(dists[n], optuna.distributions.FloatDistribution)
-                      else v) for n, v in params.items()}
-        if len(params) == len(dists):
-            trials.append(optuna.trial.create_trial(
-                params=params, distributions=dists, value=float(row.objective)))
-    if len(trials) < 3 or not dists:
-        return {}
+                      else v) for n, v in logged.items()}
+        try:
+            trials.append(optuna.trial.create_trial(params=params, distributions=dists,
+                                                    value=value))
+        except ValueError as e:  # e.g. off the step of a stepped range
+            left_out[number] = str(e)
+            continue
+        used.append(number)
+    if not dists:
+        return Importance({}, [], left_out, "no parameter was searched")
+    if len(trials) < MIN_IMPORTANCE_TRIALS:
+        return Importance({}, used, left_out, f"{len(trials)} usable complete trial(s), at "
+                                              f"least {MIN_IMPORTANCE_TRIALS} needed")
+    if len({t.value for t in trials}) == 1:  # fANOVA would share out rounding noise
+        return Importance({}, used, left_out, "the objective has the same value in every trial")
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory"
     try:
         study = optuna.create_study(direction=data.direction)
         study.add_trials(trials)
-        return optuna.importance.get_param_importances(study)
-    except (RuntimeError, ValueError):  # e.g. no variation in any parameter
-        return {}
+        # fANOVA by name (Optuna's default evaluator is another one), seeded: the same report
+        # twice shows the same numbers.
+        raw = optuna.importance.FanovaImportanceEvaluator(seed=0).evaluate(study)
+    except (RuntimeError, ValueError) as e:  # e.g. zero variance in all of fANOVA's trees
+        return Importance({}, used, left_out, f"Optuna could not evaluate it ({e})")
     finally:
         optuna.logging.set_verbosity(verbosity)
+    total = float(sum(raw.values()))
+    if not total > 0 or not math.isfinite(total):
+        return Importance({}, used, left_out, "no parameter explains any of the objective's "
+                                              "variance")
+    values = {n: float(v) / total for n, v in sorted(raw.items(), key=lambda kv: -kv[1])}
+    return Importance(values, used, left_out)
+
+
+def importance_table(imp: Importance) -> pd.DataFrame:
+    return pd.DataFrame({"param": list(imp.values), "importance": list(imp.values.values())})
 
 
 def baseline_row(examples: dict) -> dict:
@@ -57,7 +140,9 @@ def baseline_row(examples: dict) -> dict:
 def _importance_figure(data):
     from pipeline.report import figures as rf
 
-    return rf.importance(_importances(data), f"{data.key}: hyperparameter importance")
+    imp = importance(data)
+    return rf.importance(imp.values, f"{data.key}: hyperparameter importance",
+                         empty=f"not computed: {imp.reason}")
 
 
 STUDY_FIGURES = ("history", "objective_vs_params", "pair", "parallel_coordinates", "importance",
@@ -104,11 +189,15 @@ def study_sections(data, prefix: str) -> list[Section]:
             "validation split; test accuracy is shown for reporting, never used to select.")
     if flags:
         text += " Boundary flags: " + ", ".join(f"{k} near the {v} edge" for k, v in flags.items())
+    imp = importance(data)
+    text += " " + imp.note()
     head = Section(f"Study {data.key}", text, [
         (f"{prefix}summary", pd.DataFrame([summary]).T.rename(columns={0: "value"})),
         (f"{prefix}top_trials", top)])
     if data.narrowing:
         head.tables.append((f"{prefix}narrowing", rd.range_changes(data)))
+    if imp.values:
+        head.tables.append((f"{prefix}importance", importance_table(imp)))
     figs = Section(f"Figures: {data.key}")
     for name, png in render_figures(data).items():
         figs.figures.append((f"{prefix}{name}.png", rf.CAPTIONS[name], png))

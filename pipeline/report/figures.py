@@ -7,6 +7,7 @@ parameter was searched in log space.
 from __future__ import annotations
 
 import math
+import textwrap
 
 import numpy as np
 import pandas as pd
@@ -126,14 +127,15 @@ def parallel_coordinates(data: StudyData) -> Figure:
     return fig
 
 
-def importance(importances: dict[str, float], title: str) -> Figure:
+def importance(importances: dict[str, float], title: str,
+               empty: str = "not enough complete trials") -> Figure:
     fig = Figure(figsize=(6, 0.45 * max(len(importances), 2) + 1.2), layout="constrained")
     ax = fig.subplots()
     if importances:
         items = sorted(importances.items(), key=lambda kv: kv[1])
         ax.barh([k for k, _ in items], [v for _, v in items], color="tab:blue")
     else:
-        ax.text(0.5, 0.5, "not enough complete trials", ha="center", va="center",
+        ax.text(0.5, 0.5, textwrap.fill(empty, 60), ha="center", va="center",
                 transform=ax.transAxes)
     ax.set(xlabel="importance (fANOVA, normalised)", title=title)
     ax.grid(alpha=0.3, axis="x")
