@@ -56,3 +56,35 @@ def stop_on_signals(signals=(signal.SIGINT, signal.SIGTERM)):
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def first_call(callback, signals=(signal.SIGINT, signal.SIGTERM)):
+    """While inside: each of ``signals`` first calls ``callback()`` (say, to pass the signal on
+    to helper processes at once, before this process unwinds), then whatever handled it
+    before (``stop_on_signals``' handler, Python's, or the default action). Outside the main
+    thread this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in signals}
+
+    def handler(signum, frame):
+        callback()
+        before = previous[signum]
+        if callable(before):
+            return before(signum, frame)
+        if before == signal.SIG_DFL:  # the default action: die by the signal (or Ctrl-C)
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+        return None
+
+    for s in signals:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -82,6 +82,21 @@ def run_search(folder: Path, *argv: str) -> Outcome:
     return Outcome(code, out.getvalue(), err.getvalue())
 
 
+def run_report(folder: Path, *argv: str, uri: str | None = None) -> Outcome:
+    """``python -m pipeline.report ARGV`` in-process, cwd ``folder``, tracking store ``uri``
+    (default: the store in ``folder``); returns the exit code and what it printed."""
+    from pipeline.report import cli as report_cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        mp.setenv("MLFLOW_TRACKING_URI", uri or store_uri(folder))
+        mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = report_cli.main(list(argv))
+    return Outcome(code, out.getvalue(), err.getvalue())
+
+
 def journal(folder: Path) -> JournalStorage:
     return JournalStorage(JournalFileBackend(str(folder / "optuna.journal")))
 

@@ -26,6 +26,7 @@ from search_fixtures import (
     fresh_store,
     load,
     one_torch_thread,  # noqa: F401  (autouse)
+    run_report,
     run_search,
     store_uri,
     study_runs,
@@ -90,16 +91,6 @@ def check_smoke_runs(folder: Path, client, cfg) -> None:
         (run,) = study_runs(client, key)
         assert (run.info.status, run.info.run_name) == ("FINISHED", key)
         assert len(children(client, run.info.run_id)) == size
-
-
-def run_report(folder: Path, *argv: str) -> Outcome:
-    out, err = io.StringIO(), io.StringIO()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(folder)
-        mp.setenv("MLFLOW_TRACKING_URI", store_uri(folder))
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = report_cli.main(list(argv))
-    return Outcome(code, out.getvalue(), err.getvalue())
 
 
 def trial_runs(client, key: str) -> dict[int, object]:

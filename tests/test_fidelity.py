@@ -7,7 +7,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from search_fixtures import all_runs, fresh_store, load, one_torch_thread, run_search, write_study
+from search_fixtures import (
+    all_runs,
+    fresh_store,
+    load,
+    one_torch_thread,
+    run_report,
+    run_search,
+    write_study,
+)
 
 from pipeline.config import describe_fidelity, epoch_range, fidelity
 
@@ -66,3 +74,9 @@ def test_a_low_fidelity_parent_narrows_a_full_fidelity_child(tmp_path, empty_mlf
     assert sizes["small"] == {(200, "2")}  # 20 per class, 10 classes
     (full,) = sizes["full"]
     assert full[0] > 1000 and full[1] == "4"  # digits' whole training split (1,437 images)
+
+    report = run_report(tmp_path, "--study", "full", "--no-log")
+    assert report.code == 0, report.err
+    assert ("Narrowed from small, which trained on 20 examples per class, 2 epochs; this study "
+            "trains on the whole training split, 4 epochs.") in (
+        tmp_path / "reports" / "full" / "report.md").read_text()

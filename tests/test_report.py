@@ -41,6 +41,7 @@ from search_fixtures import (
     fresh_store,
     load,
     one_torch_thread,  # noqa: F401  (autouse: the smoke search)
+    run_report,
     run_search,
     store_uri,
 )
@@ -52,18 +53,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 STUDY_FIGURES = ("history", "objective_vs_params", "pair", "parallel_coordinates", "importance",
                  "top_curves", "lr_schedule", "generalisation", "confusion", "misclassified",
                  "correct", "grad_norms")
-
-
-def run_report(folder: Path, uri: str, *argv: str) -> Outcome:
-    """``python -m pipeline.report ARGV`` in-process, cwd ``folder``, tracking store ``uri``."""
-    out, err = io.StringIO(), io.StringIO()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(folder)
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = report_cli.main(list(argv))
-    return Outcome(code, out.getvalue(), err.getvalue())
 
 
 def by_number(trials: list[SynTrial]) -> dict[int, SynTrial]:
@@ -434,8 +423,8 @@ def test_importance_puts_the_parameter_that_drives_the_objective_first_from_ever
 
 
 def test_importance_in_the_report_table_and_text(importance_store, tmp_path):
-    result = run_report(tmp_path, importance_store.uri, "--study", "syn-importance",
-                        "--no-log")
+    result = run_report(tmp_path, "--study", "syn-importance",
+                        "--no-log", uri=importance_store.uri)
     assert result.code == 0, result.err
     folder = tmp_path / "reports" / "syn-importance"
     table = pd.read_csv(folder / "importance.csv")
@@ -450,7 +439,7 @@ def test_importance_in_the_report_table_and_text(importance_store, tmp_path):
 def test_importance_says_which_trials_it_left_out_and_why(importance_store, tmp_path):
     """A complete trial it cannot use is named, with the reason, in the report's text; the
     importance is then that of the others (the report used to stop on such a trial)."""
-    result = run_report(tmp_path, importance_store.uri, "--study", "syn-outside", "--no-log")
+    result = run_report(tmp_path, "--study", "syn-outside", "--no-log", uri=importance_store.uri)
     assert result.code == 0, result.err
     n = importance_store.outside.number
     md = (tmp_path / "reports" / "syn-outside" / "report.md").read_text()
@@ -491,7 +480,7 @@ def test_importance_names_a_missing_value_and_why_nothing_was_computed(importanc
 def fine_report(synthetic_store, tmp_path_factory):
     """``python -m pipeline.report --study syn-fine`` once (its parent syn-coarse alongside)."""
     folder = tmp_path_factory.mktemp("fine-report")
-    result = run_report(folder, synthetic_store.uri, "--study", "syn-fine")
+    result = run_report(folder, "--study", "syn-fine", uri=synthetic_store.uri)
     return result, folder / "reports" / "syn-fine"
 
 
@@ -559,8 +548,8 @@ def test_cli_logs_the_folder_to_the_study_run(fine_report, synthetic_store):
 
 
 def test_cli_compares_two_studies(synthetic_store, tmp_path):
-    result = run_report(tmp_path, synthetic_store.uri, "--study", "syn-coarse",
-                        "--study", "syn-fine", "--no-log")
+    result = run_report(tmp_path, "--study", "syn-coarse",
+                        "--study", "syn-fine", "--no-log", uri=synthetic_store.uri)
     assert result.code == 0, result.err
     folder = tmp_path / "reports" / "syn-coarse-vs-syn-fine"
     names = assert_complete_report(folder)
@@ -750,7 +739,7 @@ def test_section_anchors_are_stable_and_unique():
     ("syn-failed", "study 'syn-failed' has no completed trial ({'failed': 3})"),
 ], ids=["missing", "no-trials", "all-failed"])
 def test_cli_refuses_a_study_it_cannot_report(synthetic_store, tmp_path, study, message):
-    result = run_report(tmp_path, synthetic_store.uri, "--study", study)
+    result = run_report(tmp_path, "--study", study, uri=synthetic_store.uri)
     assert result.code == EXIT_BAD_INPUT
     assert message in result.err and result.err.startswith("error: ")
     assert "Traceback" not in result.err + result.out
@@ -762,8 +751,8 @@ def test_cli_refuses_a_study_it_cannot_report(synthetic_store, tmp_path, study, 
 
 
 def test_cli_refuses_one_bad_study_among_several(synthetic_store, tmp_path):
-    result = run_report(tmp_path, synthetic_store.uri, "--study", "syn-coarse",
-                        "--study", "syn-empty")
+    result = run_report(tmp_path, "--study", "syn-coarse",
+                        "--study", "syn-empty", uri=synthetic_store.uri)
     assert result.code == EXIT_BAD_INPUT and "syn-empty" in result.err
     assert not (tmp_path / "reports").exists()
 
@@ -773,7 +762,7 @@ def test_cli_unreachable_store(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     uri = f"http://127.0.0.1:{free_port()}"
-    result = run_report(tmp_path, uri, "--study", "coarse")
+    result = run_report(tmp_path, "--study", "coarse", uri=uri)
     assert result.code == EXIT_BAD_INPUT
     assert f"cannot use the MLflow tracking store '{uri}'" in result.err
     assert "MLFLOW_TRACKING_URI" in result.err and "Traceback" not in result.err
@@ -893,7 +882,7 @@ def test_interrupted_cli_run_keeps_the_previous_report(fine_report, synthetic_st
         return real_to_png(fig, dpi)
 
     monkeypatch.setattr(pipeline.figures, "to_png", to_png)
-    result = run_report(tmp_path, synthetic_store.uri, "--study", "syn-fine", "--no-log")
+    result = run_report(tmp_path, "--study", "syn-fine", "--no-log", uri=synthetic_store.uri)
     assert result.code == 130 and "previous report" in result.err and "Traceback" not in result.err
     assert snapshot(folder) == before
     assert [p.name for p in folder.parent.iterdir()] == ["syn-fine"]
@@ -906,7 +895,7 @@ def test_report_on_a_real_smoke_search(tmp_path, empty_mlflow_db):
     client = fresh_store(tmp_path, empty_mlflow_db)
     search = run_search(tmp_path, "--study", "coarse", "--smoke")
     assert search.code == 0, search.err
-    result = run_report(tmp_path, store_uri(tmp_path), "--study", "coarse-smoke")
+    result = run_report(tmp_path, "--study", "coarse-smoke", uri=store_uri(tmp_path))
     assert result.code == 0, result.err
     folder = tmp_path / "reports" / "coarse-smoke"
     assert assert_complete_report(folder) == [f"{f}.png" for f in STUDY_FIGURES]

@@ -22,6 +22,7 @@ from search_fixtures import (
     fresh_store,
     load,
     one_torch_thread,
+    run_report,
     run_search,
     store_uri,
     study_names,
@@ -258,19 +259,6 @@ def test_smoke_mode_runs_a_chain_of_parents_first(tmp_path, empty_mlflow_db):
     assert result.out.index("parent beta-smoke") < result.out.index("parent alpha-smoke")
 
 
-def run_report(folder, *argv: str) -> tuple[int, str]:
-    """``python -m pipeline.report ARGV`` in-process, in ``folder`` and on its store."""
-    from pipeline.report import cli as report_cli
-
-    out = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(folder)
-        mp.setenv("MLFLOW_TRACKING_URI", store_uri(folder))
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            code = report_cli.main(list(argv))
-    return code, out.getvalue()
-
-
 def test_a_crowded_edge_widens_past_the_parent_and_the_record_and_report_say_so(
         tmp_path, empty_mlflow_db):
     """alpha searches width in 8..9 and depth in 1..2: beta's one best trial of alpha lies on an
@@ -317,7 +305,8 @@ def test_a_crowded_edge_widens_past_the_parent_and_the_record_and_report_say_so(
     logged = json.loads((Path(client.download_artifacts(run.info.run_id, "narrowing.json",
                                                         str(tmp_path)))).read_text())
     assert logged["params"] == record["params"]
-    code, printed = run_report(tmp_path, "--study", "beta", "--no-log")
+    result = run_report(tmp_path, "--study", "beta", "--no-log")
+    code, printed = result.code, result.out + result.err
     assert code == 0, printed
     report = (tmp_path / "reports" / "beta" / "report.md").read_text()
     assert f"{side} {old} → {new} (widened)" in report

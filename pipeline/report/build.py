@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import gc_policy, names
+from pipeline.config import describe_fidelity
 from pipeline.report.render import Section, write_report
 
 MIN_IMPORTANCE_TRIALS = 3
@@ -189,6 +190,10 @@ def study_sections(data, prefix: str) -> list[Section]:
             "validation split; test accuracy is shown for reporting, never used to select.")
     if flags:
         text += " Boundary flags: " + ", ".join(f"{k} near the {v} edge" for k, v in flags.items())
+    if fid := (data.narrowing or {}).get("fidelity"):
+        text += (f" Narrowed from {data.narrowing.get('parent')}, which trained on "
+                 f"{describe_fidelity(fid['parent'])}; this study trains on "
+                 f"{describe_fidelity(fid['this'])}.")
     imp = importance(data)
     text += " " + imp.note()
     head = Section(f"Study {data.key}", text, [

@@ -75,8 +75,11 @@ def run_workers(opts, plan: Plan, ctx, study, client, writer, pool: Pool | None)
     torch.set_num_threads(threads_per_worker(k))
     try:
         pool.start(k - 1, replace(opts, workers=k), ctx)
-        # Quiet: a line per trial from every worker, not a bar that counts this one's.
-        broken = run_worker(ctx, study, plan, client, quiet=True, writer=writer)
+        # Ctrl-C or SIGTERM: passed on to the helpers before this worker ends its own trial
+        # (which waits for its MLflow writer), so that all of them stop together.
+        with interrupt.first_call(pool.terminate):
+            # Quiet: a line per trial from every worker, not a bar that counts this one's.
+            broken = run_worker(ctx, study, plan, client, quiet=True, writer=writer)
         return pool.wait() or broken
     except BaseException:
         pool.stop()
@@ -103,6 +106,7 @@ class Pool:
             theirs.close()
             self._helpers.append((proc, ours))
         self._busy: list = []
+        self._terminated = False
 
     def alive(self) -> int:
         return sum(proc.is_alive() for proc, _ in self._helpers)
@@ -130,12 +134,18 @@ class Pool:
             print(f"warning: {', '.join(bad)} exited abnormally", flush=True)
         return EXIT_STOPPED_ON_FAILURES in codes.values()
 
+    def terminate(self) -> None:
+        """SIGTERM to the running helpers, once: it fails their running trials and KILLs their
+        runs (a second SIGTERM would kill a helper outright, mid-clean-up)."""
+        if not self._terminated:
+            self._terminated = True
+            for proc, _ in self._busy:
+                if proc.is_alive():
+                    proc.terminate()
+
     def stop(self) -> None:
-        """The launcher was stopped (Ctrl-C, SIGTERM, an error): SIGTERM to the helpers, which
-        fails their running trials and KILLs their runs."""
-        for proc, _ in self._helpers:
-            if proc.is_alive():
-                proc.terminate()
+        """The launcher was stopped (Ctrl-C, SIGTERM, an error): so are the helpers."""
+        self.terminate()
         self.close()
 
     def close(self) -> None:
