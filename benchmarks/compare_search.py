@@ -1,44 +1,79 @@
-"""Coarse -> fine against plain random search and a single TPE study, at equal training budget.
+"""Coarse -> fine against random search, one TPE study and Hyperband: equal compute, paired seeds.
 
-    python benchmarks/compare_search.py                                   # about 20-30 minutes
-    python benchmarks/compare_search.py --datasets digits --seeds 0,1,2,3,4
-    python benchmarks/compare_search.py --datasets fashion-mnist --n-per-class 300 \
-        --fashion-trials 16,8
+    python benchmarks/compare_search.py                  # digits and fashion-mnist, seeds 0..9
+    python benchmarks/compare_search.py --datasets digits --seeds 0..19
+    python benchmarks/compare_search.py --datasets fashion-mnist --n-per-class 200 \
+        --fashion-trials 8,6
+    python benchmarks/compare_search.py --quick          # digits, 2 seeds, tiny budgets
 
-Methods, each over the coarse study's space (``studies/coarse.yaml``) and seeded with ``--seed``:
+Most of the time goes to starting commands (about 10 s each on a busy 2-core machine: Python,
+PyTorch, MLflow, a study run opened and closed), and Hyperband's many short trials need the most
+top-up calls: ``--quick`` took 11 minutes there (benchmarks/README.md).
 
-- coarse -> fine: the shipped ``coarse`` study, then the shipped ``fine`` study (QMC with the
-  median pruner, then TPE on the narrowed space with longer training, seeded with coarse's best);
-- random: ``RandomSampler``, no pruning (the classic method);
+Methods, each over the coarse study's space (``studies/coarse.yaml``) and run with the same
+``--seed S`` for every method (paired seeds):
+
+- coarse -> fine: the shipped ``coarse`` study (QMC, median pruner), then the shipped ``fine``
+  study (TPE on the narrowed space, 20-epoch trials seeded with coarse's best) with its
+  re-check (``recheck: {top_k: 5, seeds: 3}``);
+- random: ``RandomSampler``, no pruning (the classic method: pick the best single run);
 - TPE: one TPE study (``studies/fine.yaml``'s sampler settings) with the coarse study's median
-  pruner.
+  pruner;
+- Hyperband: Optuna's ``HyperbandPruner`` (the pipeline's ``pruner: {name: hyperband}``:
+  min_resource 1 epoch, max_resource the longest trial, reduction factor 3) over configurations
+  drawn by ``--hyperband-sampler`` (default ``random``: classic Hyperband).
 
-Budget = epochs trained: the sum over trials of ``len(trial.intermediate_values)`` (every trial
-reports validation accuracy once per epoch; pruned trials count the epochs they ran). For each
-dataset and seed, coarse -> fine runs first and spends B epochs; random and TPE then run until
-they have spent at least B (the study is topped up with more trials until it has; trials are
-counted in order up to the one that crosses B, and later ones are ignored). "Epochs to reach
-random's best" is the budget a method spent until its best-so-far validation accuracy first
-reached random search's final best, or "never". A method's best is its best completed trial
-(for coarse -> fine, over both stages; ties go to the earlier trial); its test accuracy is that
-trial's (selection is on validation only).
+Compute is counted in training examples processed: for every trial, the epochs it ran (the
+validation values it reported, ``len(trial.intermediate_values)``; pruned and failed trials count
+what they ran) times the size of the training split (the same for every trial of a dataset: read
+from a trial's MLflow dataset inputs). For each dataset and seed, coarse -> fine runs first and
+its two searches spend B examples; each other method's study is then topped up, a few trials per
+``python -m pipeline.search --n-trials N`` call, until it has spent at least B. Each call asks for
+as many trials as fall short of the remainder with a margin of 2.5 standard deviations of a
+prediction of their epochs (from the study's trials so far, and the method's trials on the earlier
+seeds; a study's first calls aim at 70 % of the remainder), and never fewer than ceil(remainder /
+longest trial of the coarse space), which cannot run a trial past the one that reaches B. So a
+search stops with the trial that reaches B and overshoots it by less than one trial; a trial run
+past that one (possible, rarely, when a call's trials run much longer than predicted) is counted
+in the method's examples and reported ("past B").
 
-Fashion-MNIST uses a class-balanced training subset (``n_per_class`` images per class; validation
-and test stay full) and fewer coarse/fine trials (``--fashion-trials``); digits uses the study
-files' trial counts. Temporary study files (copies of the shipped ones with the dataset, subset
-and sampler changed) live in a temporary folder with the journals and the MLflow store.
-Training uses ``--torch-threads`` threads (default 1): this benchmark counts epochs, not
-seconds, and one thread is much faster than two on a shared 2-core machine.
+Fairness: every method's winner is re-checked the same way. Coarse -> fine's fine study re-checks
+its 5 best trials over 3 fresh seeds (in the same command); each other method gets the same
+re-check, ``python -m pipeline.recheck --study FILE --seed S --top-k 5 --seeds 3``, with the same
+fresh training seeds (they follow from the study seed S). The search budgets are equal; the
+re-checks are not part of B: their examples (top_k x seeds retrainings of the candidates, whose
+length is the candidates' own: 20 epochs for fine's, 4 to 16 for the coarse space's) are reported
+beside B for every method.
+
+Reported per method (mean ± standard deviation over the seeds): the best single trial's validation
+accuracy; the re-checked winner's test accuracy (mean over the re-check seeds; selection is on
+validation only); the examples spent until the best-so-far validation accuracy first reached
+random search's final best (mean over the seeds where it did, and how many did); the search and
+re-check examples; and the paired difference to random search of the first two, per seed, with a
+bootstrap 95 % interval of its mean (``scipy.stats.bootstrap``, BCa, 9,999 resamples). Wall
+seconds of the commands and the training seconds (the trials' ``train_seconds``) are reported
+too.
+
+Every study runs as ``python -m pipeline.search --study FILE --seed S --workers 1 --quiet``
+(re-checks as ``python -m pipeline.recheck``) in a temporary workspace (one MLflow store, one
+Optuna journal per dataset and seed), from temporary copies of the study files: the dataset, the
+trial counts (``--digits-trials``, ``--fashion-trials``, ``--scale``) and, for Fashion-MNIST, a
+class-balanced training subset (``fixed.n_per_class``, ``--n-per-class``; validation and test
+stay full) are set there. Trials run on one thread (the study files' ``threads: 1``).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import json
 import math
 import os
+import statistics
+import subprocess
 import sys
 import time
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -46,13 +81,39 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench  # noqa: E402
 
-METHODS = ("coarse -> fine", "random", "TPE")
+METHODS = ("coarse -> fine", "random", "TPE", "Hyperband")
+BASELINES = {"random": "random", "TPE": "tpe", "Hyperband": "hyperband"}  # method -> study name
+REFERENCE = "random"
+Z = 2.5  # a top-up call's margin, in standard deviations of its trials' epochs (trials_to_add)
+DATASETS = ("digits", "fashion-mnist")
+QUICK = {"datasets": "digits", "seeds": "0,1", "digits_trials": "6,4", "recheck": "2,2"}
+DEFAULTS = {"datasets": "digits,fashion-mnist", "seeds": "0..9", "digits_trials": "",
+            "recheck": ""}
+
+
+# -- study files ----------------------------------------------------------------------------------
+
+@dataclass
+class Setup:
+    """One dataset's temporary study files and what the budget arithmetic needs."""
+
+    dataset: str
+    paths: dict[str, Path]  # study name -> file
+    trials: tuple[int, int]  # coarse, fine
+    recheck: tuple[int, int]  # top_k, seeds
+    max_epochs: int  # the longest trial of the coarse space
+    mean_epochs: float  # an unpruned trial of the coarse space, on average (a first guess)
+    n_per_class: int | None
+    n_train: int | None = None  # training examples per epoch, read from the first trial run
 
 
 def write_studies(folder: Path, dataset: str, n_per_class: int | None,
-                  trials: tuple[int, int] | None) -> dict[str, Path]:
-    """coarse, fine, random and tpe study files for one dataset, in their own folder (fine
-    finds its parent there)."""
+                  trials: tuple[int, int] | None, scale: float, recheck: tuple[int, int] | None,
+                  hyperband_sampler: str) -> Setup:
+    """coarse, fine, random, tpe and hyperband study files for one dataset, in their own folder
+    (fine finds its parent there)."""
+    from pipeline.config import epoch_range
+
     folder.mkdir(parents=True, exist_ok=True)
     coarse = yaml.safe_load((_bench.STUDIES / "coarse.yaml").read_text())
     fine = yaml.safe_load((_bench.STUDIES / "fine.yaml").read_text())
@@ -62,118 +123,312 @@ def write_studies(folder: Path, dataset: str, n_per_class: int | None,
             raw["fixed"] = {**raw["fixed"], "n_per_class": n_per_class}
     if trials:
         coarse["n_trials"], fine["n_trials"] = trials
-    random = {**coarse, "name": "random", "sampler": {"name": "random", "seed": 0},
+    if scale != 1.0:  # fine narrows from coarse's 5 best and starts from its 3 best
+        coarse["n_trials"] = max(6, round(coarse["n_trials"] * scale))
+        fine["n_trials"] = max(4, round(fine["n_trials"] * scale))
+    if recheck:
+        fine["recheck"] = {**fine.get("recheck", {}), "top_k": recheck[0], "seeds": recheck[1]}
+    rc = fine.get("recheck") or {}
+    top_k, seeds = rc.get("top_k", 5), rc.get("seeds", 3)
+    baseline = {k: v for k, v in coarse.items() if k not in ("sampler", "pruner")}
+    random = {**baseline, "name": "random", "sampler": {"name": "random", "seed": 0},
               "pruner": {"name": "none"}, "description": "compare_search.py: random search"}
-    tpe = {**coarse, "name": "tpe", "sampler": fine["sampler"],
+    tpe = {**baseline, "name": "tpe", "sampler": fine["sampler"], "pruner": coarse["pruner"],
            "description": "compare_search.py: one TPE study over the coarse space"}
+    hb_sampler = ({"name": "tpe", "seed": 0} if hyperband_sampler == "tpe"
+                  else {"name": "random", "seed": 0})
+    hyperband = {**baseline, "name": "hyperband", "sampler": hb_sampler,
+                 "pruner": {"name": "hyperband"},
+                 "description": "compare_search.py: Hyperband over the coarse space"}
     paths = {}
-    for raw in (coarse, fine, random, tpe):
+    for raw in (coarse, fine, random, tpe, hyperband):
         paths[raw["name"]] = folder / f"{raw['name']}.yaml"
         paths[raw["name"]].write_text(yaml.safe_dump(raw, sort_keys=False))
-    return paths
+    bounds = {k: (v["low"], v["high"]) for k, v in coarse["space"].items() if "low" in v}
+    low, high = epoch_range(coarse["fixed"], bounds)
+    return Setup(dataset, paths, (coarse["n_trials"], fine["n_trials"]), (top_k, seeds),
+                 int(high), (low + high) / 2, n_per_class)
 
 
-def run(path: Path, storage: str, seed: int, n_trials: int | None, log: Path) -> list:
-    """Run (or top up) one study in this process; its finished trials in order."""
-    import optuna
+# -- one dataset and seed ------------------------------------------------------------------------
 
-    from pipeline.search.cli import SearchOptions
-    from pipeline.search.engine import run_study
+@dataclass
+class Seed:
+    """The commands of one (dataset, seed): one Optuna journal, one log, their wall times."""
 
-    opts = SearchOptions(study=str(path), n_trials=n_trials, seed=seed, storage=storage,
-                         quiet=True)
-    with open(log, "a") as out, contextlib.redirect_stdout(out):
-        code = run_study(opts)
-    if code != 0:
-        raise SystemExit(f"{path.name}: exit code {code}; see {log}")
-    name = yaml.safe_load(path.read_text())["name"]
-    return _bench.finished_trials(optuna.load_study(study_name=name,
-                                                    storage=_bench.open_journal(storage)))
+    tmp: Path
+    dataset: str
+    seed: int
+    wall: dict[str, float] = field(default_factory=dict)  # method -> seconds of its commands
+    calls: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def storage(self) -> Path:
+        return self.tmp / f"{self.dataset}-s{self.seed}.journal"
 
-def run_to_budget(path: Path, storage: str, seed: int, budget: int, log: Path) -> tuple:
-    """Top a study up until its trials have spent at least `budget` epochs."""
-    n = max(8, math.ceil(budget / 10))  # a first guess: coarse-space trials average ~10 epochs
-    while True:
-        trials = run(path, storage, seed, n, log)
-        spent = sum(len(t.intermediate_values) for t in trials)
-        if spent >= budget:
-            return trials, len(trials)
-        per_trial = spent / len(trials)
-        n = len(trials) + math.ceil((budget - spent) / per_trial) + 2
+    @property
+    def log(self) -> Path:
+        return self.tmp / f"{self.dataset}-s{self.seed}.log"
 
-
-def trace(trials: list, budget: int | None = None) -> dict:
-    """Walk trials in order up to the budget: best trial, epochs spent, best-so-far curve."""
-    spent, best, curve, used = 0, None, [], 0
-    for t in trials:
-        if budget is not None and spent >= budget:
-            break
-        spent += len(t.intermediate_values)
-        used += 1
-        if t.state.name == "COMPLETE" and (best is None or t.value > best.value):
-            best = t
-        curve.append((spent, best.value if best else -1.0))
-    return {"best_val": best.value, "test": best.user_attrs["test_acc"], "epochs": spent,
-            "trials": used, "curve": curve, "best_number": best.number}
-
-
-def epochs_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
-    return next((spent for spent, best in curve if best >= target - 1e-12), None)
-
-
-def one_seed(tmp: Path, dataset: str, seed: int, studies: dict[str, Path]) -> dict:
-    storage = str(tmp / f"{dataset}-s{seed}.journal")
-    log = tmp / f"{dataset}-s{seed}.log"
-    t0 = time.perf_counter()
-    coarse = run(studies["coarse"], storage, seed, None, log)
-    fine = run(studies["fine"], storage, seed, None, log)
-    cf = trace(coarse + fine)
-    budget = cf["epochs"]
-    t_cf = time.perf_counter() - t0
-    out = {"coarse -> fine": cf}
-    seconds = {"coarse -> fine": t_cf}
-    ran = {"coarse -> fine": len(coarse) + len(fine)}
-    for method, key in (("random", "random"), ("TPE", "tpe")):
+    def command(self, method: str, module: str, study: Path, *extra: str) -> None:
+        argv = [sys.executable, "-m", module, "--study", str(study), "--seed", str(self.seed),
+                "--storage", str(self.storage), "--workers", "1", "--quiet", *extra]
         t0 = time.perf_counter()
-        trials, ran[method] = run_to_budget(studies[key], storage, seed, budget, log)
-        out[method] = trace(trials, budget)
-        seconds[method] = time.perf_counter() - t0
-    target = out["random"]["best_val"]
+        with open(self.log, "a") as out:
+            out.write(f"\n$ {' '.join(argv[1:])}\n")
+            out.flush()
+            code = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT).returncode
+        self.wall[method] = self.wall.get(method, 0.0) + time.perf_counter() - t0
+        self.calls[method] = self.calls.get(method, 0) + 1
+        if code != 0:
+            tail = self.log.read_text()[-3000:]
+            raise SystemExit(f"{' '.join(argv[1:])}: exit code {code}; the log ends:\n{tail}")
+
+    def search(self, method: str, study: Path, n_trials: int | None = None) -> None:
+        extra = ("--n-trials", str(n_trials)) if n_trials is not None else ()
+        self.command(method, "pipeline.search", study, *extra)
+
+    def recheck(self, method: str, study: Path, top_k: int, seeds: int) -> None:
+        self.command(method, "pipeline.recheck", study, "--top-k", str(top_k),
+                     "--seeds", str(seeds))
+
+    def trials(self, key: str) -> list:
+        """The study's complete, pruned and failed trials, in number order."""
+        import optuna
+        from optuna.trial import TrialState
+
+        study = optuna.load_study(study_name=key, storage=_bench.open_journal(self.storage))
+        return sorted((t for t in study.get_trials(deepcopy=False) if t.state in (
+            TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)), key=lambda t: t.number)
+
+
+def epochs(trials) -> int:
+    return sum(len(t.intermediate_values) for t in trials)
+
+
+def train_seconds(trials) -> float:
+    return sum(t.user_attrs.get("train_seconds", 0.0) for t in trials)
+
+
+def n_train_of(trial) -> int:
+    """Training examples per epoch, from the trial's MLflow run (its dataset inputs)."""
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient().get_run(trial.user_attrs["mlflow_run_id"])
+    for item in run.inputs.dataset_inputs:
+        if item.dataset.name.endswith("-train"):
+            return int(json.loads(item.dataset.profile)["num_rows"])
+    raise SystemExit(f"trial {trial.number}: no training split among its MLflow inputs")
+
+
+def search_trace(trials, budget: int | None = None) -> dict:
+    """Walk the trials in order: best complete trial, epochs spent, best-so-far curve (epochs
+    spent after each trial, best value so far); the trials run after the one that reached
+    ``budget`` epochs are counted in ``past_budget``."""
+    spent, best, curve, crossed = 0, None, [], None
+    for i, t in enumerate(trials):
+        spent += len(t.intermediate_values)
+        if t.state.name == "COMPLETE" and t.value is not None and math.isfinite(t.value) and (
+                best is None or t.value > best.value):
+            best = t
+        curve.append((spent, best.value if best else -math.inf))
+        if budget is not None and crossed is None and spent >= budget:
+            crossed = i
+    if best is None:
+        raise SystemExit("a search finished without a completed trial")
+    return {"best_val": best.value, "best_test": best.user_attrs.get("test_acc"),
+            "best_number": best.number, "epochs": spent, "trials": len(trials),
+            "past_budget": 0 if crossed is None else len(trials) - 1 - crossed,
+            "train_s": train_seconds(trials), "curve": curve}
+
+
+def recheck_trace(s: Seed, key: str, top_k: int, seeds: int, originals: dict[int, float]) -> dict:
+    """The re-check's verdict, recomputed from the journal as the pipeline does
+    (pipeline.search.rank): the winner's mean validation and test accuracy over the seeds."""
+    from pipeline import names
+    from pipeline.search import rank
+
+    runs = s.trials(f"{key}-recheck")
+    rows = [{"candidate": int(t.user_attrs[names.CANDIDATE]),
+             "seed": int(t.user_attrs[names.SEED_INDEX]), "value": t.value,
+             "test_acc": t.user_attrs.get("test_acc")}
+            for t in runs if t.state.name == "COMPLETE" and names.CANDIDATE in t.user_attrs
+            and int(t.user_attrs[names.SEED_INDEX]) < seeds]
+    verdict = rank.rank_candidates(rows, originals, "maximize")
+    if verdict["winner"] is None or len(verdict["ranking"]) > top_k:
+        raise SystemExit(f"{key}: {len(verdict['ranking'])} re-checked candidates, expected 1 "
+                         f"to {top_k}")
+    win = verdict["ranking"][0]
+    return {"winner": win["candidate"], "val_mean": win["val_mean"],
+            "test_mean": win["test_mean"], "optimism": win["optimism"],
+            "candidates": len(verdict["ranking"]), "runs": len(rows),
+            "epochs": epochs(runs), "train_s": train_seconds(runs)}
+
+
+def trials_to_add(remaining: int, own: list[int], prior: list[int], setup: Setup) -> int:
+    """How many trials the next top-up call asks for, ``remaining`` epochs short of the budget:
+    the most trials k + 1 such that k trials fall short of it (of 70 % of it while the study has
+    fewer than 10 trials of its own) by Z standard deviations of a prediction of their sum, and
+    never fewer than ceil(remaining / longest trial), which cannot run a trial past the one that
+    reaches it. Epochs per trial: the study's own trials, with the method's trials on the earlier
+    seeds while it has fewer than 10 (worth at most 30 trials: seeds differ), else the coarse
+    space's average; the prediction of the sum of k trials from n has variance
+    sd^2 (k + k^2 / n)."""
+    sure = max(1, math.ceil(remaining / setup.max_epochs))
+    sample = own if len(own) >= 10 else own + prior
+    if sample:
+        mu, n = statistics.fmean(sample), min(len(sample), 30)
+        sd = statistics.pstdev(sample) if len(sample) > 1 else 0.0
+    else:
+        mu, n, sd = setup.mean_epochs, 3, 0.0
+    mu, sd = max(mu, 1.0), max(sd, 0.25 * setup.max_epochs)
+    target = remaining * (0.7 if len(own) < 10 else 1.0)
+    k = 0
+    while (k + 1) * mu + Z * sd * math.sqrt((k + 1) + (k + 1) ** 2 / n) <= target:
+        k += 1
+    return max(sure, k + 1)
+
+
+def top_up(s: Seed, method: str, path: Path, key: str, budget: int, setup: Setup,
+           prior: list[int]) -> list:
+    """Top the study up, call by call, until its trials have spent at least ``budget`` epochs
+    (see the module docstring); its trials."""
+    trials: list = []
+    while (spent := epochs(trials)) < budget:
+        finished = sum(t.state.name != "FAIL" for t in trials)  # failed trials are replaced
+        own = [len(t.intermediate_values) for t in trials]
+        s.search(method, path, finished + trials_to_add(budget - spent, own, prior, setup))
+        trials = s.trials(key)
+    return trials
+
+
+def one_seed(tmp: Path, setup: Setup, seed: int, priors: dict[str, list[int]]) -> dict:
+    s = Seed(tmp, setup.dataset, seed)
+    top_k, n_seeds = setup.recheck
+    out = {}
+    # coarse -> fine: both searches, and fine's own re-check
+    s.search("coarse -> fine", setup.paths["coarse"])
+    s.search("coarse -> fine", setup.paths["fine"])
+    coarse, fine = s.trials("coarse"), s.trials("fine")
+    if setup.n_train is None:
+        setup.n_train = n_train_of(coarse[0])
+    out["coarse -> fine"] = {**search_trace(coarse + fine), "recheck": recheck_trace(
+        s, "fine", top_k, n_seeds, {t.number: t.value for t in fine})}
+    budget = out["coarse -> fine"]["epochs"]
+    for method, key in BASELINES.items():
+        trials = top_up(s, method, setup.paths[key], key, budget, setup, priors.get(method, []))
+        priors.setdefault(method, []).extend(len(t.intermediate_values) for t in trials)
+        s.recheck(method, setup.paths[key], top_k, n_seeds)
+        out[method] = {**search_trace(trials, budget), "recheck": recheck_trace(
+            s, key, top_k, n_seeds, {t.number: t.value for t in trials})}
+    target = out[REFERENCE]["best_val"]
     for method, r in out.items():
-        r["reach"] = epochs_to_reach(r["curve"], target)
-        r["seconds"] = seconds[method]
-        r["ran"] = ran[method]
+        r["reach"] = next((e for e, best in r["curve"] if best >= target - 1e-12), None)
+        r["wall"], r["calls"] = s.wall[method], s.calls[method]
     return out
 
 
-def fmt_ms(values: list[float], digits: int = 4) -> str:
-    mean, std = _bench.mean_std(values)
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+# -- statistics and tables ------------------------------------------------------------------------
+
+def bootstrap_ci(diffs: list[float]) -> tuple[float, float]:
+    """95 % bootstrap interval (BCa) of the mean paired difference; percentile when BCa cannot be
+    computed (very few seeds); the value itself when every difference is the same."""
+    import numpy as np
+    from scipy import stats
+
+    if len(diffs) < 2:
+        return math.nan, math.nan
+    if max(diffs) - min(diffs) < 1e-15:
+        return diffs[0], diffs[0]
+    for method in ("BCa", "percentile"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ci = stats.bootstrap((np.asarray(diffs),), np.mean, n_resamples=9999,
+                                 confidence_level=0.95, method=method,
+                                 rng=np.random.default_rng(0)).confidence_interval
+        if math.isfinite(ci.low) and math.isfinite(ci.high):
+            return float(ci.low), float(ci.high)
+    return math.nan, math.nan
 
 
-def print_table(results: dict, args) -> None:
-    """results[dataset][seed][method] -> trace."""
-    seeds = args.seeds
-    print(f"\n{len(seeds)} seeds ({', '.join(map(str, seeds))}); mean ± std over seeds; "
-          f"budget B = coarse -> fine's epochs; torch {args.torch_threads} thread(s)\n")
-    print("| dataset | method | best val acc | its test acc | epochs spent | trials counted "
-          "(run) | epochs to reach random's best | reached |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+def mean_sd(values, digits: int = 4) -> str:
+    mean, sd = _bench.mean_std(values)
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def examples(values) -> str:
+    """Training examples, mean ± standard deviation, in k or M."""
+    mean, sd = _bench.mean_std(values)
+    unit, div = ("M", 1e6) if mean >= 1e6 else ("k", 1e3)
+    digits = 2 if unit == "M" else 0
+    return f"{mean / div:.{digits}f} ± {sd / div:.{digits}f} {unit}"
+
+
+def paired(values: list[float], reference: list[float]) -> tuple[str, dict]:
+    diffs = [a - b for a, b in zip(values, reference)]
+    low, high = bootstrap_ci(diffs)
+    mean = statistics.fmean(diffs)
+    text = f"{mean:+.4f} [{low:+.4f}, {high:+.4f}]" if math.isfinite(low) else f"{mean:+.4f}"
+    return text, {"mean": mean, "ci_low": low, "ci_high": high, "diffs": diffs}
+
+
+def dataset_label(setup: Setup) -> str:
+    n = f"{setup.n_train:,} training images" if setup.n_train else "?"
+    if setup.n_per_class:
+        return f"{setup.dataset} ({setup.n_per_class}/class: {n}; val, test full)"
+    return f"{setup.dataset} ({n})"
+
+
+def summarize(results: dict, setups: dict[str, Setup], seeds: list[int]) -> dict:
+    """Per dataset and method: the table's cells and the paired differences."""
+    out = {}
     for dataset, by_seed in results.items():
-        label = dataset if dataset == "digits" else (
-            f"{dataset} ({args.n_per_class}/class train subset; val, test full)")
+        n_train = setups[dataset].n_train
+        ref = [by_seed[s][REFERENCE] for s in seeds]
+        out[dataset] = {}
         for method in METHODS:
             rows = [by_seed[s][method] for s in seeds]
-            reached = [r["reach"] for r in rows if r["reach"] is not None]
-            reach = (fmt_ms(reached, 0) if reached else "never")
-            print(f"| {label} | {method} | {fmt_ms([r['best_val'] for r in rows])} | "
-                  f"{fmt_ms([r['test'] for r in rows])} | "
-                  f"{fmt_ms([r['epochs'] for r in rows], 0)} | "
-                  f"{fmt_ms([r['trials'] for r in rows], 1)} "
-                  f"({sum(r['ran'] for r in rows)}) | {reach} | {len(reached)}/{len(rows)} |")
-    print("\nper seed: best val / test / epochs spent / epochs to reach random's best "
-          "(trials counted), wall seconds\n")
+            vals = [r["best_val"] for r in rows]
+            tests = [r["recheck"]["test_mean"] for r in rows]
+            reached = [r["reach"] * n_train for r in rows if r["reach"] is not None]
+            cell = {"best_val": mean_sd(vals), "test": mean_sd(tests),
+                    "reach": (f"{examples(reached)} ({len(reached)}/{len(rows)})" if reached
+                              else f"never (0/{len(rows)})"),
+                    "search": examples([r["epochs"] * n_train for r in rows]),
+                    "recheck": examples([r["recheck"]["epochs"] * n_train for r in rows]),
+                    "wall": f"{statistics.fmean(r['wall'] for r in rows):.0f}",
+                    "train_s": (f"{statistics.fmean(r['train_s'] for r in rows):.0f} + "
+                                f"{statistics.fmean(r['recheck']['train_s'] for r in rows):.0f}")}
+            if method != REFERENCE:
+                cell["d_val"], cell["d_val_stats"] = paired(vals, [r["best_val"] for r in ref])
+                cell["d_test"], cell["d_test_stats"] = paired(
+                    tests, [r["recheck"]["test_mean"] for r in ref])
+            else:
+                cell["d_val"] = cell["d_test"] = "(reference)"
+            out[dataset][method] = cell
+    return out
+
+
+def print_tables(results: dict, summary: dict, setups: dict[str, Setup], args) -> None:
+    seeds = args.seeds
+    top_k, n_seeds = next(iter(setups.values())).recheck
+    print(f"\n{len(seeds)} paired seeds ({', '.join(map(str, seeds))}); mean ± sd over seeds; "
+          f"Δ: paired difference to random search, mean [bootstrap 95 % interval]; every "
+          f"method's winner re-checked ({top_k} best x {n_seeds} fresh seeds); search budget = "
+          "coarse -> fine's examples (coarse + fine)\n")
+    print("| dataset | method | best val acc | Δ val vs random | re-checked winner test acc | "
+          "Δ test vs random | examples to reach random's best (reached) | search examples | "
+          "re-check examples | wall s / seed | train s / seed (search + re-check) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for dataset, cells in summary.items():
+        label = dataset_label(setups[dataset])
+        for method in METHODS:
+            c = cells[method]
+            print(f"| {label} | {method} | {c['best_val']} | {c['d_val']} | {c['test']} | "
+                  f"{c['d_test']} | {c['reach']} | {c['search']} | {c['recheck']} | "
+                  f"{c['wall']} | {c['train_s']} |")
+    print("\nper seed: best val / re-checked winner's test / search epochs / epochs to reach "
+          "random's best (trials; calls), wall seconds\n")
     print("| dataset | seed | " + " | ".join(METHODS) + " |")
     print("|---|---:|" + "---|" * len(METHODS))
     for dataset, by_seed in results.items():
@@ -182,55 +437,127 @@ def print_table(results: dict, args) -> None:
             for method in METHODS:
                 r = by_seed[s][method]
                 reach = r["reach"] if r["reach"] is not None else "never"
-                cells.append(f"{r['best_val']:.4f} / {r['test']:.4f} / {r['epochs']} / {reach} "
-                             f"({r['trials']}), {r['seconds']:.0f} s")
+                past = f", {r['past_budget']} past B" if r["past_budget"] else ""
+                cells.append(f"{r['best_val']:.4f} / {r['recheck']['test_mean']:.4f} / "
+                             f"{r['epochs']} / {reach} ({r['trials']}; {r['calls']}{past}), "
+                             f"{r['wall']:.0f} s")
             print(f"| {dataset} | {s} | " + " | ".join(cells) + " |")
 
 
+# -- command line ---------------------------------------------------------------------------------
+
+def parse_seeds(text: str) -> list[int]:
+    """``0..9`` (inclusive), ``0,1,2`` or both: ``0..4,10``."""
+    seeds = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        low, sep, high = part.partition("..")
+        seeds += list(range(int(low), int(high) + 1)) if sep else [int(part)]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds {text!r}: give distinct seeds, e.g. 0..9")
+    return seeds
+
+
+def parse_pair(text: str, what: str) -> tuple[int, int] | None:
+    if not text:
+        return None
+    parts = [int(x) for x in text.split(",")]
+    if len(parts) != 2 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"{what} {text!r}: give two positive counts, e.g. 12,8")
+    return parts[0], parts[1]
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated sampler seeds")
-    parser.add_argument("--datasets", default="digits,fashion-mnist",
-                        help="comma-separated: digits, fashion-mnist")
-    parser.add_argument("--n-per-class", type=int, default=500,
-                        help="fashion-mnist training images per class")
-    parser.add_argument("--fashion-trials", default="12,8",
-                        help="fashion-mnist coarse,fine trial counts")
-    parser.add_argument("--torch-threads", type=int, default=1)
-    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
-    args = parser.parse_args(argv)
-    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    datasets = [d for d in args.datasets.split(",") if d.strip()]
-    unknown = set(datasets) - {"digits", "fashion-mnist"}
-    if unknown:
-        parser.error(f"unknown datasets {sorted(unknown)}")
-    fashion_trials = tuple(int(x) for x in args.fashion_trials.split(","))
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", default=None,
+                   help=f"comma-separated, of {', '.join(DATASETS)} (default: both)")
+    p.add_argument("--seeds", default=None, help="paired seeds: 0..9 (default), 0,1,2, 0..4,10")
+    p.add_argument("--n-per-class", type=int, default=500,
+                   help="fashion-mnist: class-balanced training subset, images per class "
+                        "(0: the whole training split; validation and test stay full)")
+    p.add_argument("--digits-trials", default=None,
+                   help="digits coarse,fine trial counts (default: the study files', 24,16)")
+    p.add_argument("--fashion-trials", default="12,8", help="fashion-mnist coarse,fine trials")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="multiply the coarse and fine trial counts, hence the search budget B")
+    p.add_argument("--recheck", default=None,
+                   help="top_k,seeds of every method's re-check (default: fine.yaml's, 5,3)")
+    p.add_argument("--hyperband-sampler", choices=("random", "tpe"), default="random",
+                   help="configurations Hyperband draws (random: classic Hyperband)")
+    p.add_argument("--quick", action="store_true",
+                   help="check that the script works: digits, seeds 0,1, coarse 6 and fine 4 "
+                        "trials, re-check 2 x 2")
+    p.add_argument("--json", type=Path, default=None, help="also write every result here")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    args = p.parse_args(argv)
+    base = QUICK if args.quick else DEFAULTS
+    for key, value in base.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    try:
+        args.seeds = parse_seeds(args.seeds)
+        digits_trials = parse_pair(args.digits_trials, "--digits-trials")
+        fashion_trials = parse_pair(args.fashion_trials, "--fashion-trials")
+        recheck = parse_pair(args.recheck, "--recheck")
+    except (ValueError, argparse.ArgumentTypeError) as err:
+        p.error(str(err))
+    if recheck and recheck[1] < 2:
+        p.error("--recheck: at least 2 seeds")
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    if unknown := set(datasets) - set(DATASETS):
+        p.error(f"unknown datasets {sorted(unknown)}")
+    if args.scale <= 0:
+        p.error("--scale must be positive")
 
-    import torch
-
-    torch.set_num_threads(args.torch_threads)
-    print(f"python {sys.version.split()[0]}, {len(os.sched_getaffinity(0))} cores, torch "
-          f"{torch.get_num_threads()} thread(s), load average "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at start")
-    print(_bench.code_state())
+    print(f"python {sys.version.split()[0]}, {len(os.sched_getaffinity(0))} cores, load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at start; {' '.join(sys.argv)}")
+    print(_bench.code_state(), flush=True)
     results: dict = {}
+    setups: dict[str, Setup] = {}
+    minutes: dict[str, float] = {}
     with _bench.workspace("bench-compare-", keep=args.keep) as tmp, _bench.CpuMeter() as cpu:
         for dataset in datasets:
             fashion = dataset == "fashion-mnist"
-            studies = write_studies(tmp / f"studies-{dataset}", dataset,
-                                    args.n_per_class if fashion else None,
-                                    fashion_trials if fashion else None)
-            results[dataset] = {}
+            setup = setups[dataset] = write_studies(
+                tmp / f"studies-{dataset}", dataset,
+                (args.n_per_class or None) if fashion else None,
+                fashion_trials if fashion else digits_trials, args.scale, recheck,
+                args.hyperband_sampler)
+            print(f"{dataset}: coarse {setup.trials[0]} + fine {setup.trials[1]} trials, "
+                  f"re-check {setup.recheck[0]} x {setup.recheck[1]}"
+                  + (f", {setup.n_per_class} training images per class" if setup.n_per_class
+                     else ""), flush=True)
+            results[dataset], priors, t0 = {}, {}, time.perf_counter()
             for seed in args.seeds:
-                res = one_seed(tmp, dataset, seed, studies)
-                results[dataset][seed] = res
+                res = results[dataset][seed] = one_seed(tmp, setup, seed, priors)
                 print(f"{dataset} seed {seed}: " + "; ".join(
-                    f"{m} best val {r['best_val']:.4f} test {r['test']:.4f} in {r['epochs']} "
-                    f"epochs ({r['trials']} trials, {r['seconds']:.0f} s)"
+                    f"{m}: best val {r['best_val']:.4f}, re-checked test "
+                    f"{r['recheck']['test_mean']:.4f}, {r['epochs']} epochs "
+                    f"({r['trials']} trials, {r['calls']} calls"
+                    + (f", {r['past_budget']} past B" if r["past_budget"] else "")
+                    + f"), {r['wall']:.0f} s"
                     for m, r in res.items()) + f"; load average {os.getloadavg()[0]:.2f}",
                     flush=True)
-    print_table(results, args)
-    print(f"\nwhole benchmark: {cpu.seconds / 60:.1f} min; {cpu.describe()}")
+            minutes[dataset] = (time.perf_counter() - t0) / 60
+    summary = summarize(results, setups, args.seeds)
+    print_tables(results, summary, setups, args)
+    print()
+    for dataset, m in minutes.items():
+        runs = [r for res in results[dataset].values() for r in res.values()]
+        n = len(args.seeds)
+        print(f"{dataset}: {m:.1f} min for {n} seeds; per seed {60 * m / n:.0f} s, of which "
+              f"{sum(r['train_s'] + r['recheck']['train_s'] for r in runs) / n:.0f} s training, "
+              f"in {sum(r['calls'] for r in runs) / n:.1f} commands")
+    print(f"whole benchmark: {cpu.seconds / 60:.1f} min; {cpu.describe()}")
+    if args.json:
+        for by_seed in results.values():
+            for res in by_seed.values():
+                for r in res.values():
+                    r.pop("curve", None)
+        args.json.write_text(json.dumps({
+            "argv": sys.argv, "seeds": args.seeds, "results": results,
+            "summary": summary, "n_train": {d: s.n_train for d, s in setups.items()}},
+            indent=1, default=str))
     return 0
 
 
