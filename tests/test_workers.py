@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import optuna
 import pytest
@@ -15,6 +14,7 @@ from search_fixtures import (
     fresh_store,
     load,
     one_torch_thread,
+    run_search,
     store_uri,
     worker_env,
     write_study,
@@ -110,14 +110,11 @@ def test_auto_forks_one_helper_per_extra_core_and_runs_exactly_n_trials(tmp_path
 
 
 def test_a_lone_worker_forks_nothing(tmp_path, empty_mlflow_db):
-    """--workers 1: every trial in the launcher itself."""
+    """--workers 1: every trial in the launcher itself (in-process: no helper to fork)."""
     fresh_store(tmp_path, empty_mlflow_db)
     write_study(tmp_path, "one", STUDY.format(name="one", n_trials=3).replace(
         "    recheck: {top_k: 2, seeds: 2}\n", ""))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.search", "--study", str(tmp_path / "one.yaml"),
-         "--workers", "1", "--quiet"], cwd=tmp_path, env=worker_env(store_uri(tmp_path)),
-        text=True, capture_output=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    study = load(Path(tmp_path), "one")
-    assert len({t.user_attrs[liveness.WORKER_ATTR] for t in study.trials}) == 1
+    result = run_search(tmp_path, "--study", str(tmp_path / "one.yaml"), "--workers", "1")
+    assert result.code == 0, result.err
+    assert {t.user_attrs[liveness.WORKER_ATTR] for t in load(tmp_path, "one").trials} == {
+        liveness.worker_id()}  # this very process
