@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if spec.path and not Path(spec.path).exists():
             raise storage_mod.StorageError(f"no Optuna storage at {spec.path}: give --storage "
                                            "(or OPTUNA_STORAGE) as the study was run with")
-        if spec.kind == "rdb" and _no_optuna_tables(spec):  # Optuna would create them
+        if spec.kind == "rdb" and storage_mod.no_optuna_tables(spec):  # Optuna would create them
             raise storage_mod.StorageError(f"no Optuna storage at {spec.url}: the database "
                                            "holds no Optuna tables; give --storage (or "
                                            "OPTUNA_STORAGE) as the study was run with")
@@ -102,37 +102,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if left and not args.repair and any(f.fix for f in left):
         print("run again with --repair to fix what can be fixed safely")
     return 1 if left else 0
-
-
-def _no_optuna_tables(spec) -> bool:
-    """A reachable database without Optuna's tables, checked without creating them (Optuna's
-    RDBStorage creates its schema when opened). False when the database cannot be reached:
-    open_storage then says why."""
-    if spec.path is not None:  # SQLite, opened read-only: not even a journal mode is written
-        import sqlite3
-
-        try:
-            conn = sqlite3.connect(f"{Path(spec.path).resolve().as_uri()}?mode=ro", uri=True)
-            try:
-                return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
-                                    "name = 'studies'").fetchone() is None
-            finally:
-                conn.close()
-        except sqlite3.Error:
-            return False
-    import sqlalchemy
-
-    try:
-        engine = sqlalchemy.create_engine(spec.url)
-    except Exception:
-        return False
-    try:
-        with engine.connect() as conn:
-            return not sqlalchemy.inspect(conn).has_table("studies")
-    except Exception:
-        return False
-    finally:
-        engine.dispose()
 
 
 def show(findings: list[Finding]) -> None:

@@ -304,3 +304,35 @@ def test_a_missing_storage_exits_2_and_nothing_is_created(folder, kind, request)
         assert (folder / "other.db").read_bytes() == b""
     else:
         assert not list(folder.glob("other*"))
+
+
+@pytest.mark.parametrize("kind", ["sqlite-empty", "postgresql-empty"])
+def test_a_recheck_on_a_database_without_optuna_tables_creates_none(folder, kind, request):
+    """`python -m pipeline.recheck` of a study that never ran only reads: pointed at a database
+    without Optuna's tables it says so (exit 2) and leaves the database without them."""
+    from search_fixtures import STUDIES
+
+    from pipeline import recheck
+
+    if kind == "postgresql-empty":
+        server = request.getfixturevalue("postgres")
+        db = f"recheck{next(_databases)}"
+        url = server.createdb(db)
+    else:
+        url = f"sqlite:///{folder / 'other.db'}"
+        (folder / "other.db").write_bytes(b"")
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    out = io.StringIO()
+    with contextlib.redirect_stderr(out), contextlib.redirect_stdout(out):
+        code = recheck.main(["--study", str(STUDIES / "coarse.yaml"), "--storage", url])
+    assert code == 2, out.getvalue()
+    assert "has no completed trial" in out.getvalue()
+    if kind == "postgresql-empty":
+        tables = subprocess.run(
+            [pg_bin("psql"), "-h", server.host, "-p", str(server.port), "-U", server.user, "-d",
+             db, "-Atc", "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"],
+            capture_output=True, text=True, check=True).stdout.split()
+        assert tables == []
+    else:
+        assert (folder / "other.db").read_bytes() == b""
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before

@@ -166,3 +166,5 @@ def _check_recheck_only(plan: Plan) -> None:
     """A re-check of a study that never ran is refused before any store is created."""
     if plan.storage.path and not Path(plan.storage.path).exists():
         raise ConfigError(_nothing_to_recheck(plan))
+    if plan.storage.kind == "rdb" and storage_mod.no_optuna_tables(plan.storage):
+        raise ConfigError(_nothing_to_recheck(plan))  # opening it would create Optuna's tables

@@ -61,6 +61,37 @@ def parse_storage(url: str | None) -> StorageSpec:
 _memory: dict[str, optuna.storages.BaseStorage] = {}
 
 
+def no_optuna_tables(spec: StorageSpec) -> bool:
+    """A reachable database without Optuna's tables, checked without creating them (Optuna's
+    RDBStorage creates its schema when opened): a command that only reads checks this first.
+    False when the database cannot be reached: open_storage then says why."""
+    if spec.path is not None:  # SQLite, opened read-only: not even a journal mode is written
+        import sqlite3
+
+        try:
+            conn = sqlite3.connect(f"{Path(spec.path).resolve().as_uri()}?mode=ro", uri=True)
+            try:
+                return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                                    "name = 'studies'").fetchone() is None
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            return False
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(spec.url)
+    except Exception:
+        return False
+    try:
+        with engine.connect() as conn:
+            return not sqlalchemy.inspect(conn).has_table("studies")
+    except Exception:
+        return False
+    finally:
+        engine.dispose()
+
+
 def open_storage(spec: StorageSpec) -> optuna.storages.BaseStorage:
     """Open (and check) the storage; raises StorageError with the URL and the fix."""
     try:
