@@ -417,6 +417,7 @@ def test_sigterm_to_the_launcher_reaches_every_worker(tmp_path, empty_mlflow_db)
     assert kept(before, study)
     assert runs_mirror_trials(client, study)
     assert "exited abnormally" not in search.output()
+    assert "Traceback" not in search.output()  # the helper stopped as cleanly as the launcher
 
     again = run_search(tmp_path, "--study", str(tmp_path / f"{KEY}.yaml"))
     assert again.code == 0, again.out + again.err

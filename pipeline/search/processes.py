@@ -197,7 +197,10 @@ def _serve(conn, inherited) -> None:
                 client = spool.SpoolingClient(tracking.tracking_client())
                 writer = QueuedClient(client)
             code = _job(opts, ctx, client, writer)
-            conn.send(code)
+            try:
+                conn.send(code)
+            except OSError:  # the launcher stopped and closed the pool meanwhile
+                return
             if code != EXIT_OK:
                 return
     finally:
