@@ -141,13 +141,23 @@ def catch_mid_trial(search: Search, study_of, min_number: int = 0) -> list:
         assert time.monotonic() < deadline, search.output()
         assert search.proc.poll() is None, f"exited early:\n{search.output()}"
         study = study_of()
-        if study is not None and training(study, min_number):
+        if study is not None and _reading(training, study, min_number):
             search.kill_all(signal.SIGSTOP)
-            caught = training(study, min_number)
+            # Frozen mid-write, a search may hold SQLite's write lock: the read then times out
+            # ("database is locked"), and the search is let go on and caught again.
+            caught = _reading(training, study, min_number)
             if caught:
                 return caught
             search.kill_all(signal.SIGCONT)
         time.sleep(0.05)
+
+
+def _reading(read, *args):
+    """``read(*args)``, or None when the storage is locked by a writer."""
+    try:
+        return read(*args)
+    except optuna.exceptions.StorageInternalError:
+        return None
 
 
 def journal_study(folder: Path):
