@@ -31,14 +31,10 @@ def exit_code(err: BaseException) -> int:
     return 128 + (err.signum if isinstance(err, Terminated) else signal.SIGINT)
 
 
-@contextlib.contextmanager
 def stop_on_signals(signals=(signal.SIGINT, signal.SIGTERM)):
     """While inside: each of ``signals`` raises (KeyboardInterrupt for SIGINT, Terminated for
     the others) in the main thread, once. Outside the main thread (handlers cannot be set
     there) this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     # A signal ignored on purpose (nohup, `cmd &` in a script) stays ignored.
     previous = {s: h for s in signals if (h := signal.getsignal(s)) is not signal.SIG_IGN}
 
@@ -49,24 +45,14 @@ def stop_on_signals(signals=(signal.SIGINT, signal.SIGTERM)):
             raise KeyboardInterrupt
         raise Terminated(signum)
 
-    for s in previous:
-        signal.signal(s, handler)
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    return _handling(previous, handler)
 
 
-@contextlib.contextmanager
 def first_call(callback, signals=(signal.SIGINT, signal.SIGTERM)):
     """While inside: each of ``signals`` first calls ``callback()`` (say, to pass the signal on
     to helper processes at once, before this process unwinds), then whatever handled it
     before (``stop_on_signals``' handler, Python's, or the default action). Outside the main
     thread this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     previous = {s: signal.getsignal(s) for s in signals}
 
     def handler(signum, frame):
@@ -81,7 +67,17 @@ def first_call(callback, signals=(signal.SIGINT, signal.SIGTERM)):
             signal.raise_signal(signum)
         return None
 
-    for s in signals:
+    return _handling(previous, handler)
+
+
+@contextlib.contextmanager
+def _handling(previous: dict, handler):
+    """``handler`` for each signal of ``previous`` while inside, then ``previous`` again; in
+    the main thread only (elsewhere Python cannot set handlers, and nothing is done)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    for s in previous:
         signal.signal(s, handler)
     try:
         yield
