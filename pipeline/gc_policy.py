@@ -37,3 +37,13 @@ def resume_frozen() -> None:
         gc.freeze()
         gc.enable()
         _paused = False
+
+
+def freeze_inherited() -> None:
+    """In a forked child that runs its own code from here on (the MLflow writer): what it
+    inherited is never walked nor freed (a collection would copy every page it touches, and
+    freeing could close what the parent still uses); what comes later is collected as usual."""
+    global _paused
+    gc.freeze()
+    gc.enable()
+    _paused = False

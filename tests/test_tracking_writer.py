@@ -206,3 +206,43 @@ def test_workers_logging_the_same_new_dataset_at_once_all_succeed(store):
         assert errors == []
         assert all([i.dataset.digest for i in client.get_run(r).inputs.dataset_inputs]
                    == [f"d{attempt}"] for r in runs)
+
+
+def _pipes_held_by(pid: int) -> set[str]:
+    fds = Path(f"/proc/{pid}/fd")
+    return {os.readlink(fd) for fd in fds.iterdir() if os.readlink(fd).startswith("pipe:")}
+
+
+def _pipe_of(fd: int) -> str:
+    return f"pipe:[{os.fstat(fd).st_ino}]"
+
+
+def test_a_forked_writer_holds_none_of_its_parents_pipes_or_sockets(store):
+    """The writer is forked from the process that logs, and lets go of what it inherited: a
+    second writer holding the first one's input would keep the first from ever seeing its end,
+    and a search's helpers would never see the launcher's pool close."""
+    plain, exp = store
+    first = QueuedClient(plain)
+    read_end, write_end = os.pipe()
+    second = QueuedClient(plain)
+    try:
+        # both write (so each child is past letting go), and the parent's store is unharmed
+        run_id = second.create_run(exp).info.run_id
+        second.log_batch(run_id, metrics=[Metric("m", 2.0, 0, 0)])
+        first.set_tag(run_id, "t", "v")
+        first.flush()
+        second.flush()
+        run = plain.get_run(run_id)
+        assert run.data.metrics == {"m": 2.0} and run.data.tags["t"] == "v"
+        held = _pipes_held_by(second._proc.pid)
+        assert _pipe_of(first._proc.stdin.fileno()) not in held
+        assert _pipe_of(write_end) not in held and _pipe_of(read_end) not in held
+        assert _pipe_of(second._proc.stdin.fileno()) in held  # its own input, read end
+        assert not [fd for fd in Path(f"/proc/{second._proc.pid}/fd").iterdir()
+                    if os.readlink(fd).startswith("socket:")]
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+        second.close()  # first: without the letting go, second's child holds first's input
+        first.close()
+    assert (first._proc.returncode, second._proc.returncode) == (0, 0)

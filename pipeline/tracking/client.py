@@ -39,15 +39,22 @@ class StoreMissing(TrackingUnavailable):
     stops here rather than create it."""
 
 
+_INHERITED_POOLS: list = []  # a forked process's copies of its parent's pools, never freed
+
+
 def forget_inherited_connections() -> None:
     """In a process just forked from one that had opened MLflow SQL stores: give each store's
     engine a fresh connection pool, leaving the parent's connections to the parent (SQLAlchemy's
-    recipe for a fork: ``Engine.dispose(close=False)``)."""
+    recipe for a fork: ``Engine.dispose(close=False)``). The old pools are kept: one that was
+    freed would close its connections, and closing an inherited connection acts on the parent's
+    (SQLite may check-point and delete the parent's write-ahead log; PostgreSQL ends its
+    session)."""
     import sys
 
     store = sys.modules.get("mlflow.store.tracking.sqlalchemy_store")
     if store is not None:
         for engine in list(store.SqlAlchemyStore._engine_map.values()):
+            _INHERITED_POOLS.append(engine.pool)
             engine.dispose(close=False)
 
 

@@ -4,9 +4,16 @@ A trial's MLflow writes (its epoch metrics, artifacts and final status: one `log
 `log_artifacts`, one `set_terminated`) cost 25 to 45 ms of CPU on SQLite, as much as 10 % of a
 digits trial. MLflow's own asynchronous logging runs them in a thread of the training process,
 which competes with training for the GIL (measured slower here than writing synchronously).
-`QueuedClient` hands the writes, in order, to a child process (`python -m
-pipeline.tracking.writer`, which imports only MLflow) and returns at once; on a machine whose
-cores are not all training, the writes cost the trainer nothing.
+`QueuedClient` hands the writes, in order, to a child process and returns at once; on a machine
+whose cores are not all training, the writes cost the trainer nothing.
+
+The child is forked (`_fork_writer`), not started afresh: the parent has imported MLflow already,
+and a fresh interpreter importing it again cost about 2.3 s of CPU per command (and per search
+worker). A fork copies what a child must not use, so the child first lets go of it
+(`_detach`): the parent's signal handlers, its database connection pools (never closed in the
+child: closing an inherited SQLite or PostgreSQL connection would act on the parent's), and the
+pipes and sockets it inherited (replaced by /dev/null, so that a pipe the parent closes reaches
+end-of-file at its reader, and a socket is never written by two processes).
 
 - A trial's run is created in the child too (`create_run_later`, about 3 to 6 ms of SQLite a
   trial that training no longer waits for): the call returns a *pending id* at once, which every
@@ -34,11 +41,12 @@ import os
 import pickle
 import queue
 import signal
+import stat
 import struct
-import subprocess
 import sys
 import threading
 import time
+import traceback
 import uuid
 from pathlib import Path
 
@@ -62,11 +70,7 @@ class QueuedClient:
     def __init__(self, client):
         self._client = client  # in-process: run creation and reads
         self.tracking_uri = client.tracking_uri
-        ack_read, ack_write = os.pipe()  # not stdout: MLflow may print there
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.tracking.writer", client.tracking_uri,
-             str(ack_write)], stdin=subprocess.PIPE, pass_fds=(ack_write,))
-        os.close(ack_write)
+        self._proc, ack_read = _fork_writer(client.tracking_uri)
         self._acks = os.fdopen(ack_read, "rb")
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sent = self._done = 0
@@ -161,8 +165,6 @@ class QueuedClient:
         self._raise(errors)
 
     def _raise(self, errors: list[str]) -> None:
-        # imported here: the child imports MLflow (through pipeline.tracking) only once it has
-        # paused the collector (_serve)
         from pipeline.tracking.client import TrackingUnavailable
 
         if errors:
@@ -215,6 +217,73 @@ class QueuedClient:
 # -- the child ----------------------------------------------------------------------------------
 
 
+class _Child:
+    """The forked writer: as much of `subprocess.Popen` as QueuedClient uses."""
+
+    def __init__(self, pid: int, stdin):
+        self.pid, self.stdin, self.returncode = pid, stdin, None
+        self._lock = threading.Lock()  # flush() polls while close() may wait
+
+    def poll(self) -> int | None:
+        return self._reap(os.WNOHANG)
+
+    def wait(self) -> int:
+        return self._reap(0)
+
+    def _reap(self, options: int) -> int | None:
+        with self._lock:
+            if self.returncode is None:
+                try:
+                    pid, status = os.waitpid(self.pid, options)
+                except ChildProcessError:  # reaped elsewhere (a SIGCHLD handler): it is gone
+                    pid, status = self.pid, 255 << 8
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+            return self.returncode
+
+
+def _fork_writer(uri: str) -> tuple[_Child, int]:
+    """Fork the child that serves the writes; returns it and the end of its acknowledgements."""
+    in_read, in_write = os.pipe()
+    ack_read, ack_write = os.pipe()  # not stdout: MLflow may print there
+    for stream in (sys.stdout, sys.stderr):  # or the child would print the parent's buffer again
+        with contextlib.suppress(Exception):
+            stream.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: it never returns to the parent's code
+        code = 1
+        try:
+            _detach(keep=(in_read, ack_write))
+            _serve(uri, in_read, ack_write)
+            code = 0
+        except BaseException:  # noqa: BLE001 - the parent reports the exit code
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(in_read)
+    os.close(ack_write)
+    return _Child(pid, os.fdopen(in_write, "wb")), ack_read
+
+
+def _detach(keep: tuple[int, ...]) -> None:
+    """In the just-forked child: drop what belongs to the parent (see the module doc)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handlers
+    gc_policy.freeze_inherited()
+    from pipeline.tracking import client as tracking
+
+    tracking.forget_inherited_connections()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for name in os.listdir("/dev/fd"):
+        fd = int(name)
+        if fd <= 2 or fd in keep or fd == devnull:
+            continue
+        with contextlib.suppress(OSError):  # the listing's own descriptor is closed already
+            if stat.S_ISFIFO(mode := os.fstat(fd).st_mode) or stat.S_ISSOCK(mode):
+                os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 def _perform(client, method: str, args: tuple) -> str | None:
     """One queued call; a create_run returns the new run's id (None: spooled)."""
     from pipeline.tracking import client as tracking
@@ -236,21 +305,18 @@ def _perform(client, method: str, args: tuple) -> str | None:
     return None
 
 
-def _serve(uri: str, ack_fd: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
+def _serve(uri: str, in_fd: int, ack_fd: int) -> None:
     os.nice(NICENESS)
-    gc_policy.pause()  # importing MLflow and opening the store (gc_policy.py)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # we retry, and say so
     os.environ["MLFLOW_TRACKING_URI"] = uri
     from pipeline.tracking import client as tracking, spool
 
     # Retried, then kept in the spool for `pipeline.doctor --repair` (spool.py).
     client = spool.SpoolingClient(tracking.tracking_client())
-    stdin, acks = sys.stdin.buffer, os.fdopen(ack_fd, "wb")
+    stdin, acks = os.fdopen(in_fd, "rb"), os.fdopen(ack_fd, "wb")
     with contextlib.suppress(Exception):  # connect now; a store that is away shows up later
         with tracking.quick_requests():
             client.search_experiments(max_results=1)
-    gc_policy.resume_frozen()
     try:
         acks.write(json.dumps(READY).encode() + b"\n")
         acks.flush()
@@ -283,7 +349,3 @@ def _serve(uri: str, ack_fd: int) -> None:
                 acks.flush()
             except BrokenPipeError:  # the parent died: finish its queued writes all the same
                 acks = None
-
-
-if __name__ == "__main__":
-    _serve(sys.argv[1], int(sys.argv[2]))
