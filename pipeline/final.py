@@ -11,6 +11,7 @@ trained again on the training and validation splits together, for ``length-facto
 long: cycles x N for a cyclical schedule (so it still ends a cycle, at the lowest rate), epochs
 x N for a constant one. Nothing is held out for selection any more, so the model kept is the
 last epoch's; the test split, untouched by the search, is evaluated exactly once, at the end.
+It is one run, so it trains on every usable core (the trials shared them with other workers).
 
 The run is a child of the study's run, named ``<study>-final`` and tagged
 ``pipeline.kind=final``; it logs the configuration, per-epoch training metrics, ``test_acc``,
@@ -33,9 +34,11 @@ from pipeline.config import ConfigError, TrainConfig, make_train_config
 LENGTH_FACTOR = 2  # a search keeps trials short to afford many; one final run can train longer
 
 
-def final_config(trial_config: dict, length_factor: int) -> TrainConfig:
-    """The winner's configuration on train + validation, ``length_factor`` times as long."""
-    values = {**trial_config, "train_on": "train+val",
+def final_config(trial_config: dict, length_factor: int, threads: int) -> TrainConfig:
+    """The winner's configuration on train + validation, ``length_factor`` times as long, on
+    ``threads`` threads (the trial shared the cores with the search's other workers; this run
+    has them all)."""
+    values = {**trial_config, "train_on": "train+val", "threads": threads,
               "eval_test_each_epoch": False}  # the test split is evaluated once, at the end
     if values.get("schedule", "cyclical") == "cyclical":
         values["cycles"] = int(values.get("cycles", 1)) * length_factor
@@ -60,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Imports that cost seconds wait until the arguments are known to be sound.
     from pipeline.search import winner
     from pipeline.search.plan import study_key
+    from pipeline.search.processes import usable_cores
     from pipeline.search.studyfile import load_study
     from pipeline.tracking import client as tracking
     from pipeline.training.data import DatasetNotFound, splits_for
@@ -75,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Read first: a store that does not exist is not created (it holds no winner).
         client = tracking.reading_client(f"Study {key!r} never ran here. Run it first: {how}")
         best = winner.find_winner(client, key, how)
-        cfg = final_config(best.config, args.length_factor)
+        cfg = final_config(best.config, args.length_factor, usable_cores())
         if cfg.pretrained and not Path(cfg.pretrained).is_file():
             raise ConfigError(f"the winner starts from {cfg.pretrained}, which is gone; run its "
                               f"study again ({how}) to fetch its source's weights")

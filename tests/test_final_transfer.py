@@ -45,6 +45,7 @@ from pipeline.final import final_config
 from pipeline.report.extract import StudyData
 from pipeline.report.views import registry as report_views
 from pipeline.report.views.transfer import contrast_examples, transfer_info
+from pipeline.search.processes import usable_cores
 from pipeline.search.studyfile import load_study
 from pipeline.search.transfer import inherited
 from pipeline.search.winner import NoWinner, find_winner
@@ -94,9 +95,9 @@ def final(tmp_path_factory, empty_mlflow_db):
     evaluated = []
     real = pipeline.training.trainer.evaluate
 
-    def counting(model, x, y):
+    def counting(model, x, y, *batch):
         evaluated.append(len(y))
-        return real(model, x, y)
+        return real(model, x, y, *batch)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pipeline.training.trainer, "evaluate", counting)
@@ -127,10 +128,11 @@ def test_final_retrains_the_winner_on_train_plus_val_for_longer(final):
     assert run.data.tags["pipeline.study"] == "tiny"
     assert run.data.tags["pipeline.final_trial_run"] == trial_run.info.run_id
     assert run.data.params["final.trial_number"] == str(best)
-    # the trial's exact configuration, but on train+val and three times the cycles
+    # the trial's exact configuration, but on train+val, three times the cycles and every core
     differs = {k for k, v in trial_run.data.params.items()
                if k in run.data.params and run.data.params[k] != v}
-    assert differs == {"train_on", "cycles"}
+    assert differs == {"train_on", "cycles"} | ({"threads"} if usable_cores() > 1 else set())
+    assert run.data.params["threads"] == str(usable_cores())
     assert run.data.params["train_on"] == "train+val"
     assert int(run.data.params["cycles"]) == 3 * int(trial_run.data.params["cycles"])
     splits = load_splits("digits")
@@ -162,9 +164,11 @@ def test_final_evaluates_the_test_split_once_with_the_last_epoch_weights(final):
 
 
 def test_final_config_multiplies_cycles_or_epochs():
-    cyclical = final_config({"schedule": "cyclical", "cycles": 2, "step_size_epochs": 3}, 2)
+    cyclical = final_config({"schedule": "cyclical", "cycles": 2, "step_size_epochs": 3,
+                             "threads": 1}, 2, threads=4)
     assert (cyclical.cycles, cyclical.n_epochs, cyclical.train_on) == (4, 24, "train+val")
-    constant = final_config({"schedule": "constant", "epochs": 7, "cycles": 2}, 3)
+    assert cyclical.threads == 4  # one run: every core, not the trial's share
+    constant = final_config({"schedule": "constant", "epochs": 7, "cycles": 2}, 3, threads=1)
     assert (constant.epochs, constant.cycles) == (21, 2)
 
 
