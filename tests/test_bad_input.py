@@ -72,6 +72,10 @@ CASES = {
         [], ["dataset: Input should be 'digits', 'fashion-mnist', 'mnist' or 'cifar10'",
              "sampler.name: Input should be 'qmc', 'random', 'tpe'",
              "pruner.name: Input should be 'none', 'median'"]),
+    "a subset larger than the dataset's classes": (
+        None, ["--study", "fashion_coarse", "--dataset", "digits"],
+        ["n_per_class=1000: class 0 of this dataset's training split has only",
+         "lower n_per_class or use a larger dataset"]),
     "unknown dataset flag": (study(), ["--dataset", "imagenet"],
                              ["--dataset 'imagenet' is not one of digits, fashion-mnist"]),
     "parent file that does not exist": (study(parent="nosuch"), [],

@@ -253,7 +253,8 @@ def smoke_config(cfg: StudyConfig) -> StudyConfig:
     fixed = {**cfg.fixed, "cycles": 1, "step_size_epochs": 1,
              "epochs": min(cfg.fixed.get("epochs", 2), 2)}
     searched = cfg.space.get("n_per_class")
-    if cfg.dataset != "digits" and searched is None:
+    if searched is None and (cfg.dataset != "digits" or cfg.fixed.get("n_per_class")):
+        # a subset every dataset has (a digits class has about 115 training examples)
         fixed["n_per_class"] = min(cfg.fixed.get("n_per_class") or 50, 50)
     space = {n: s for n, s in cfg.space.items() if n not in fixed}
     n_trials = min(cfg.n_trials, SMOKE_TRIALS)

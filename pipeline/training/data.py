@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
-from pipeline.config import DATASETS
+from pipeline.config import DATASETS, ConfigError
 
 if TYPE_CHECKING:
     from pipeline.config import TrainConfig
@@ -180,8 +180,9 @@ def _balanced_subset(y: np.ndarray, n_per_class: int, seed: int) -> np.ndarray:
     for c in np.unique(y):
         members = np.flatnonzero(y == c)
         if len(members) < n_per_class:
-            raise ValueError(f"n_per_class={n_per_class} but class {c} has only {len(members)} "
-                             "training examples")
+            raise ConfigError(f"n_per_class={n_per_class}: class {c} of this dataset's training "
+                              f"split has only {len(members)} examples; lower n_per_class or use "
+                              "a larger dataset")
         picks.append(rng.choice(members, size=n_per_class, replace=False))
     return np.sort(np.concatenate(picks))
 
