@@ -44,6 +44,7 @@ from services import WORKER, MlflowServer, mlflow_server, postgres  # noqa: F401
 from pipeline import doctor
 from pipeline.search.objective import trial_seed
 from pipeline.tracking import spool
+from pipeline.tracking.writer import PROCESS_NAME
 
 assert one_torch_thread  # an autouse fixture, imported to apply to this module
 
@@ -377,16 +378,17 @@ def test_sigterm_and_ctrl_c_fail_the_running_trial_kill_its_run_and_rerun_contin
 
 
 def _children(pid: int) -> list[int]:
-    """Helper workers of the launcher: its children forked from it (the same command line; its
-    MLflow writer processes have their own)."""
+    """Helper workers of the launcher: its children forked from it (the same command line), not
+    its MLflow writer (forked too, but named apart)."""
     out, own = [], Path(f"/proc/{pid}/cmdline").read_bytes()
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
             cmdline = (stat.parent / "cmdline").read_bytes()
+            name = (stat.parent / "comm").read_text().strip()
         except (OSError, IndexError):
             continue
-        if ppid == pid and cmdline == own:
+        if ppid == pid and cmdline == own and name != PROCESS_NAME:
             out.append(int(stat.parent.name))
     return out
 

@@ -17,7 +17,7 @@ from search_fixtures import free_port
 
 from pipeline.tracking import client as tracking, spool
 from pipeline.tracking.client import TrackingUnavailable
-from pipeline.tracking.writer import PENDING, QueuedClient
+from pipeline.tracking.writer import PENDING, PROCESS_NAME, QueuedClient
 from pipeline.training.trainer import EpochRecord
 
 
@@ -240,6 +240,8 @@ def test_a_forked_writer_holds_none_of_its_parents_pipes_or_sockets(store):
         assert _pipe_of(second._proc.stdin.fileno()) in held  # its own input, read end
         assert not [fd for fd in Path(f"/proc/{second._proc.pid}/fd").iterdir()
                     if os.readlink(fd).startswith("socket:")]
+        # named apart from its parent in ps and top
+        assert Path(f"/proc/{second._proc.pid}/comm").read_text().strip() == PROCESS_NAME
     finally:
         os.close(read_end)
         os.close(write_end)

@@ -53,6 +53,7 @@ from pathlib import Path
 from pipeline import gc_policy
 
 WRITES = ("log_batch", "log_artifacts", "log_inputs", "set_tag", "set_terminated")
+PROCESS_NAME = "mlflow-writer"  # the child's name in ps and top (/proc/PID/comm)
 PENDING = "pending-"  # prefix of the ids create_run_later hands out
 READY = {"ready": True}  # the child's first message
 # The child's writes are off the training path: when training holds every core (torch runs a
@@ -242,6 +243,16 @@ class _Child:
             return self.returncode
 
 
+def _name_process(name: str) -> None:
+    """Tell the writer from its parent in ps and top (Linux's process name; its command line
+    stays the parent's)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+
+
 def _fork_writer(uri: str) -> tuple[_Child, int]:
     """Fork the child that serves the writes; returns it and the end of its acknowledgements."""
     in_read, in_write = os.pipe()
@@ -269,6 +280,7 @@ def _detach(keep: tuple[int, ...]) -> None:
     """In the just-forked child: drop what belongs to the parent (see the module doc)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handlers
+    _name_process(PROCESS_NAME)
     gc_policy.freeze_inherited()
     from pipeline.tracking import client as tracking
 
