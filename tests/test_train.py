@@ -378,3 +378,23 @@ def test_threads_setting_applies_during_the_run_and_is_restored(digits):
     train(cfg, digits, on_epoch=lambda rec: seen.append(torch.get_num_threads()))
     assert seen and set(seen) == {1}
     assert torch.get_num_threads() == before
+
+
+def test_a_conv_net_trains_channels_last_and_scores_the_same_in_any_batch_size():
+    """Conv nets train in the channels-last layout (faster on CPU: benchmarks/cnn_speed.py) and
+    are evaluated in small batches; the batch size of evaluation changes no prediction."""
+    cfg = TrainConfig(arch="cnn", conv_blocks=2, channels=4, depth=1, width=16, schedule="constant",
+                      epochs=1, batch_size=64, threads=1, seed=0)
+    result = train(cfg)
+    # (a one-channel input's weights are laid out alike either way)
+    convs = [m for m in result.model.modules()
+             if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last)
+                         and not m.weight.is_contiguous() for m in convs)
+    from pipeline.training.data import load_splits
+
+    splits = load_splits("digits")
+    small = evaluate(result.model, splits.x_test, splits.y_test, 7)
+    large = evaluate(result.model, splits.x_test, splits.y_test, 4096)
+    assert torch.equal(small[2], large[2]) and small[1] == large[1] == result.test_acc
+    assert small[0] == pytest.approx(large[0], rel=1e-5)

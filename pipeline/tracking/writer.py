@@ -8,7 +8,7 @@ which competes with training for the GIL (measured slower here than writing sync
 whose cores are not all training, the writes cost the trainer nothing.
 
 The child is forked (`_fork_writer`), not started afresh: the parent has imported MLflow already,
-and a fresh interpreter importing it again cost about 2.3 s of CPU per command (and per search
+and a fresh interpreter importing it again cost about 3 s of CPU per command (and per search
 worker). A fork copies what a child must not use, so the child first lets go of it
 (`_detach`): the parent's signal handlers, its database connection pools (never closed in the
 child: closing an inherited SQLite or PostgreSQL connection would act on the parent's), and the
