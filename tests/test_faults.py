@@ -280,9 +280,13 @@ def test_one_of_four_workers_killed_on_postgres_is_retried_once_and_the_stores_a
                        tracking=mlflow_server.uri, log=f"worker-{i}.out")
                 for i in range(WORKERS)]
 
+    opened = []  # one connection pool, opened once the launches have made Optuna's tables
+
     def study_of():
         try:  # the launches may be creating Optuna's tables and the study right now
-            return optuna.load_study(study_name=KEY, storage=url)
+            if not opened:  # never create them here: that races the launches doing it
+                opened.append(optuna.storages.RDBStorage(url, skip_table_creation=True))
+            return optuna.load_study(study_name=KEY, storage=opened[0])
         except Exception:
             return None
 
