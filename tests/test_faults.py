@@ -42,6 +42,7 @@ from search_fixtures import (
 from services import WORKER, MlflowServer, mlflow_server, postgres  # noqa: F401
 
 from pipeline import doctor
+from pipeline.search import storage
 from pipeline.search.objective import trial_seed
 from pipeline.tracking import spool
 from pipeline.tracking.writer import PROCESS_NAME
@@ -172,6 +173,25 @@ def journal_study(folder: Path):
     return study_of
 
 
+def rdb_study(url: str):
+    """The study in an RDB storage the searches are making, read through one connection pool
+    (a pool per poll leaked PostgreSQL connections) opened as they open it: under their schema
+    lock, and only once they made Optuna's tables (opening a storage creates them, and would
+    race the searches doing it)."""
+    spec, opened = storage.parse_storage(url), []
+
+    def study_of():
+        try:  # the searches may be creating the tables and the study right now
+            if not opened:
+                if storage.no_optuna_tables(spec):
+                    return None
+                opened.append(storage.open_storage(spec))
+            return optuna.load_study(study_name=KEY, storage=opened[0])
+        except Exception:
+            return None
+    return study_of
+
+
 def snapshot(study: optuna.Study) -> dict:
     """Finished trials: state, value, parameters, run."""
     return {t.number: (t.state, t.value, t.params, t.user_attrs["mlflow_run_id"])
@@ -200,15 +220,7 @@ def test_a_worker_killed_mid_trial_is_failed_retried_once_and_the_study_complete
     faults_study(tmp_path, n_trials=2)
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     search = Search(tmp_path, "--storage", url, env=HEARTBEAT)
-    holder = {}
-
-    def study_of():
-        try:  # the search may be creating the file and its tables right now
-            holder.setdefault("storage", optuna.storages.RDBStorage(url))
-            return optuna.load_study(study_name=KEY, storage=holder["storage"])
-        except Exception:
-            return None
-
+    study_of = rdb_study(url)
     (killed,) = catch_mid_trial(search, study_of)
     os.kill(search.proc.pid, signal.SIGKILL)  # the worker only: its MLflow writer drains, exits
     search.kill_all(signal.SIGCONT)
@@ -280,17 +292,7 @@ def test_one_of_four_workers_killed_on_postgres_is_retried_once_and_the_stores_a
                        tracking=mlflow_server.uri, log=f"worker-{i}.out")
                 for i in range(WORKERS)]
 
-    opened = []  # one connection pool, opened once the launches have made Optuna's tables
-
-    def study_of():
-        try:  # the launches may be creating Optuna's tables and the study right now
-            if not opened:  # never create them here: that races the launches doing it
-                opened.append(optuna.storages.RDBStorage(url, skip_table_creation=True))
-            return optuna.load_study(study_name=KEY, storage=opened[0])
-        except Exception:
-            return None
-
-    victim, killed = catch_a_worker_mid_trial(searches, study_of)
+    victim, killed = catch_a_worker_mid_trial(searches, rdb_study(url))
     os.kill(victim.proc.pid, signal.SIGKILL)  # the worker only: its MLflow writer drains, exits
     victim.kill_all(signal.SIGCONT)
     assert victim.wait() == -signal.SIGKILL
