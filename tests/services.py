@@ -80,6 +80,10 @@ def postgres():
         shutil.rmtree(root, ignore_errors=True)
 
 
+# Every `mlflow server` / `mlflow ui` a test starts: without MLflow's job runner, eight processes
+# (a job runner, Huey consumers) for GenAI jobs this pipeline never submits, which cost some
+# 10 s of CPU each time a server starts on 2 cores. Tracking and the UI's REST API are the same.
+NO_JOB_RUNNER = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 ADMIN = ("admin", "admin-password-for-tests")
 WORKER = ("pipeline", "worker-password-for-tests")  # the workers' account
 ALLOWED_HOSTS = "tracking.example.org,127.0.0.1:*,localhost:*"
@@ -125,8 +129,7 @@ def mlflow_server(postgres, tmp_path_factory):
     env |= {"MLFLOW_AUTH_CONFIG_PATH": str(folder / "basic_auth.ini"),
             "MLFLOW_FLASK_SERVER_SECRET_KEY": "secret-for-tests",
             "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1],
-            # no job runner: its consumer processes (GenAI jobs, unused here) cost seconds
-            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+            **NO_JOB_RUNNER}
     log = (folder / "server.log").open("w")
     values = ["127.0.0.1", str(port), backend, str(folder / "artifacts"), "basic-auth",
               ALLOWED_HOSTS]

@@ -39,7 +39,7 @@ from search_fixtures import (
     worker_env,
     write_study,
 )
-from services import WORKER, MlflowServer, mlflow_server, postgres  # noqa: F401
+from services import NO_JOB_RUNNER, WORKER, MlflowServer, mlflow_server, postgres  # noqa: F401
 
 from pipeline import doctor
 from pipeline.search import storage
@@ -493,6 +493,7 @@ class Server:
             (folder / "server.db").write_bytes(template.read_bytes())
         self.uri = f"http://127.0.0.1:{free_port()}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        env |= NO_JOB_RUNNER
         self.log = (folder / "server.log").open("a")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",

@@ -38,6 +38,7 @@ from search_fixtures import (
     store_uri,
     study_runs,
 )
+from services import NO_JOB_RUNNER
 
 from pipeline.config import TrainConfig
 from pipeline.search.studyfile import load_study
@@ -360,7 +361,7 @@ def ui(tree, tmp_path_factory):
     which this fixture started) at teardown."""
     folder = tree[0]
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | NO_JOB_RUNNER
     log = (tmp_path_factory.mktemp("ui") / "ui.log").open("w")
     command = [sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(port),
                "--workers", "1"]

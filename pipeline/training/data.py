@@ -11,15 +11,25 @@ and no per-sample Python in the training loop. Splits are stratified and determi
 
 Images can be resized (``resize``) before anything else, e.g. to a transfer source's size.
 Normalisation (per channel) uses statistics of the final training split only.
+
+The splits are scikit-learn's stratified ``train_test_split``, and digits is scikit-learn's
+``load_digits``; importing scikit-learn (and the scipy.stats it loads) costs about 1.6 s of CPU,
+in every command and every test process. So both are kept in the data cache (``cache_dir()``,
+small ``.npz`` files, written atomically, keyed by scikit-learn's version and, for a split, by
+the labels, fraction and seed, which are all a stratified split depends on): a process that
+finds them never imports scikit-learn. A cache that cannot be written only costs that time.
 """
 
 from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
+import importlib.metadata
 import os
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,7 +37,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.model_selection import train_test_split
 
 from pipeline.config import DATASETS, ConfigError
 
@@ -76,17 +85,63 @@ def cache_dir() -> Path:
 
 
 def _load_digits(name, data_dir):
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    x = torch.from_numpy(bunch.images.astype(np.float32)).unsqueeze(1)  # (N, 1, 8, 8), 0..16
-    y = torch.from_numpy(bunch.target.astype(np.int64))
-    idx_trval, idx_test = train_test_split(
-        np.arange(len(y)), test_size=DIGITS_TEST_FRACTION, stratify=y.numpy(),
-        random_state=DIGITS_TEST_SEED,
-    )
-    classes = tuple(str(c) for c in bunch.target_names)
+    images, target, names = _digits_arrays()
+    x = torch.from_numpy(images).unsqueeze(1)  # (N, 1, 8, 8), 0..16
+    y = torch.from_numpy(target)
+    idx_trval, idx_test = _stratified_split(target, DIGITS_TEST_FRACTION, DIGITS_TEST_SEED)
+    classes = tuple(str(c) for c in names)
     return x[idx_trval], y[idx_trval], x[idx_test], y[idx_test], classes
+
+
+def _sklearn_version() -> str:
+    return importlib.metadata.version("scikit-learn")  # without importing it
+
+
+def _cached_arrays(name: str, make) -> dict[str, np.ndarray]:
+    """The arrays ``make()`` returns, kept as ``cache_dir()/name`` (see the module doc)."""
+    path = cache_dir() / name
+    try:
+        with np.load(path) as found:
+            return dict(found)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # absent, or torn
+        pass
+    arrays = make()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as tmp:
+            np.savez(tmp, **arrays)
+        os.replace(tmp.name, path)  # atomic: readers see all of it or nothing
+    except OSError:
+        pass
+    return arrays
+
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def make():
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        return {"images": bunch.images.astype(np.float32),
+                "target": bunch.target.astype(np.int64), "names": bunch.target_names}
+
+    found = _cached_arrays(f"digits-sklearn-{_sklearn_version()}.npz", make)
+    return found["images"], found["target"], found["names"]
+
+
+def _stratified_split(y: np.ndarray, test_size: float, seed: int) -> tuple[np.ndarray,
+                                                                              np.ndarray]:
+    """``train_test_split(arange(len(y)), test_size, stratify=y, random_state=seed)``."""
+    def make():
+        from sklearn.model_selection import train_test_split
+
+        keep, held = train_test_split(np.arange(len(y)), test_size=test_size, stratify=y,
+                                      random_state=seed)
+        return {"keep": keep, "held": held}
+
+    labels = hashlib.sha256(np.ascontiguousarray(y, dtype=np.int64).tobytes()).hexdigest()[:16]
+    found = _cached_arrays(f"splits/{labels}-{test_size!r}-{seed}-sklearn-"
+                           f"{_sklearn_version()}.npz", make)
+    return found["keep"], found["held"]
 
 
 def _extract_debian_fashion_mnist(target_root: Path) -> Path:
@@ -224,8 +279,7 @@ def _cached_splits(name, data_dir, data_seed, val_fraction, n_per_class, resize,
     load = _load_digits if name == "digits" else _load_torchvision  # the others: torchvision's
     x, y, x_test, y_test, classes = load(name, data_dir)
     x, x_test = _resize(x, resize), _resize(x_test, resize)
-    idx_train, idx_val = train_test_split(
-        np.arange(len(y)), test_size=val_fraction, stratify=y.numpy(), random_state=data_seed)
+    idx_train, idx_val = _stratified_split(y.numpy(), val_fraction, data_seed)
     if merge_val:  # the same split drawn, then joined: train+val is exactly train plus val
         idx_train, idx_val = np.concatenate([idx_train, idx_val]), idx_val[:0]
     idx_train = np.sort(idx_train)
