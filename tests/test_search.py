@@ -30,7 +30,7 @@ from search_fixtures import (
     write_study,
 )
 
-from pipeline.search.plan import study_key
+from pipeline.search.plan import study_flags, study_key
 from pipeline.search.studyfile import load_study, smoke_config
 
 assert one_torch_thread  # an autouse fixture, imported to apply to this module
@@ -92,6 +92,22 @@ def test_every_shipped_study_runs_in_smoke_mode(path, tmp_path, empty_mlflow_db)
     assert not any(r.info.status == "RUNNING" for r in all_runs(client))
     assert re.search(rf"\[{keys[0]}\] \d complete, \d pruned, 0 failed "
                      rf"\(of {sizes[0]} requested\)", result.out), result.out
+    if smoked[0].recheck:  # the hint names this very run: its dataset and smoke flags too
+        flags = " --dataset digits" if chain[0].dataset != "digits" else ""
+        assert (f"retrain the winner: python -m pipeline.final --study {path.stem}{flags} "
+                "--smoke\n") in result.out, result.out
+
+
+@pytest.mark.parametrize("name, file_dataset, dataset, smoke", [
+    ("coarse", "digits", "digits", False), ("coarse", "digits", "digits", True),
+    ("coarse", "digits", "fashion-mnist", False), ("fashion_fine", "fashion-mnist", "digits", True),
+    ("fashion_fine", "fashion-mnist", "fashion-mnist", True)])
+def test_study_flags_name_the_study_key_they_come_from(name, file_dataset, dataset, smoke):
+    flags = study_flags(study_key(name, file_dataset, dataset, smoke), dataset).split()
+    assert flags[:2] == ["--study", name]
+    assert ("--smoke" in flags) == smoke
+    assert (flags[flags.index("--dataset") + 1] if "--dataset" in flags else file_dataset) \
+        == dataset
 
 
 # -- trial states on runs -------------------------------------------------------------------------

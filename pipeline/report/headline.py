@@ -18,6 +18,7 @@ from pipeline import names
 from pipeline.report.extract import StudyData, find_study_runs, json_artifact, search_all
 from pipeline.report.render import Section
 from pipeline.search import rank
+from pipeline.search.plan import study_flags
 
 
 def load_recheck(client, data: StudyData) -> None:
@@ -61,7 +62,8 @@ def _fmt(v) -> str:
 
 def headline_text(data: StudyData) -> str:
     """Two or three sentences that answer "which model, how good, how sure"."""
-    retrain = f"Retrain it: python -m pipeline.final --study {data.key}."
+    flags = study_flags(data.key, data.study_params.get("study.dataset", ""))
+    retrain = f"Retrain it: python -m pipeline.final {flags}."
     verdict = data.recheck
     if verdict and verdict.get("winner") is not None:
         win = verdict["winner"]

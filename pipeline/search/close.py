@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 from pipeline import names
 from pipeline.config import TrainConfig
 from pipeline.search import liveness, rank, study_run
-from pipeline.search.plan import Plan
+from pipeline.search.plan import Plan, study_flags
 from pipeline.search.summary import budget_spent, summarize
 from pipeline.tracking import client as tracking
 from pipeline.training import checkpoint
@@ -167,8 +167,8 @@ def print_summary(plan: Plan, summary: dict, verdict: dict | None = None) -> Non
     if verdict and verdict["winner"] is not None:
         for line in rank.headline(verdict, plan.cfg.objective.metric):
             print(f"[{plan.key}] {line}")
-        print(f"[{plan.key}] retrain the winner: python -m pipeline.final --study "
-              f"{plan.study_file.stem}")
+        print(f"[{plan.key}] retrain the winner: python -m pipeline.final "
+              f"{study_flags(plan.key, plan.cfg.dataset)}")
 
 
 def _fmt(v):

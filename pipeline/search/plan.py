@@ -41,6 +41,16 @@ def study_key(name: str, file_dataset: str, dataset: str, smoke: bool) -> str:
     return f"{key}-smoke" if smoke else key
 
 
+def study_flags(key: str, dataset: str) -> str:
+    """The flags that name study ``key`` (run on ``dataset``) to a command, study_key's inverse:
+    ``--study NAME``, plus ``--dataset D`` when the key carries one, plus ``--smoke``."""
+    name = key.removesuffix("-smoke")
+    flags = ["--study", name]
+    if dataset and name.endswith(f"-{dataset}"):
+        flags = ["--study", name.removesuffix(f"-{dataset}"), "--dataset", dataset]
+    return " ".join(flags + (["--smoke"] if key.endswith("-smoke") else []))
+
+
 def plan_study(opts) -> Plan:
     studies_dir = Path(opts.studies_dir) if opts.studies_dir else None
     cfg = load_study(opts.study, studies_dir)
