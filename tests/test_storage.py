@@ -5,7 +5,9 @@ from __future__ import annotations
 import fcntl
 import multiprocessing
 import os
+import subprocess
 import threading
+import time
 
 import optuna
 import pytest
@@ -131,3 +133,55 @@ def test_a_forked_child_appends_through_its_own_open_file(tmp_path):
     assert backend._fd == parent_fd
     reread = optuna.load_study(study_name="s", storage=open_storage(parse_storage(path)))
     assert reread.user_attrs == {"child": 1}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_a_worker_claiming_while_a_stale_trial_is_failed_takes_its_retry_not_a_new_trial(
+        tmp_path, empty_mlflow_db, monkeypatch, kind):
+    """A survivor fails a dead worker's trial and requeues it. Another worker counting the
+    budget in between (the trial failed, its retry not yet queued) would find one trial short,
+    start a new one, and the study would end with n_trials + 1: it must wait for the lock and
+    take the retry. The window is held open here by a requeue that waits for that claim."""
+    from types import SimpleNamespace
+
+    from search_fixtures import fresh_store
+
+    from pipeline.search import liveness, stale, storage as storage_mod, worker
+
+    monkeypatch.setenv("PIPELINE_HEARTBEAT_SECONDS", "1")
+    monkeypatch.setenv("PIPELINE_GRACE_SECONDS", "1")
+    claims, requeue = [], storage_mod.retry_stale
+
+    def requeue_while_another_claims(study, trial):
+        other = threading.Thread(target=lambda: claims.append(
+            worker.claim_trial(study, plan, None)))
+        other.start()
+        other.join(2.0)  # done at once when nothing holds the lock; else it waits for us
+        claims.append(other)
+        requeue(study, trial)
+
+    monkeypatch.setattr(storage_mod, "retry_stale", requeue_while_another_claims)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}" if kind == "sqlite" else str(
+        tmp_path / "optuna.journal")
+    spec = storage_mod.parse_storage(url)
+    study = optuna.create_study(study_name="s", storage=storage_mod.open_storage(spec))
+    plan = SimpleNamespace(storage=spec, key="s", n_trials=2)
+    dead = study.ask()
+    if kind == "sqlite":
+        study._storage.record_heartbeat(dead._trial_id)  # one beat, then silence
+    else:  # a journal: the process that claimed it is gone
+        gone = subprocess.Popen(["sleep", "0"])
+        study._storage.set_trial_user_attr(dead._trial_id, liveness.WORKER_ATTR,
+                                           liveness.worker_id(gone.pid))
+        gone.wait()
+    study.tell(study.ask(), 1.0)
+    time.sleep(2.5)  # past the grace period
+
+    (failed,) = stale.fail_stale(study, spec, fresh_store(tmp_path, empty_mlflow_db))
+    other = next(c for c in claims if isinstance(c, threading.Thread))
+    other.join()
+    (claimed,) = [c for c in claims if not isinstance(c, threading.Thread)]
+    assert failed.number == dead.number
+    retry = study.trials[claimed.number]
+    assert retry.system_attrs.get("failed_trial") == dead.number  # the retry, not a new trial
+    assert len(study.trials) == 3  # the dead trial, the finished one, the retry

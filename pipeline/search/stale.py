@@ -33,19 +33,22 @@ def fail_stale(study: optuna.Study, spec: storage_mod.StorageSpec, client) -> li
     """Fail (and requeue once) the trials whose worker is gone, KILL their runs; returns them."""
     if spec.kind == "memory":
         return []
+    # Under the lock claims take (worker.claim_trial): between failing a trial and requeuing it,
+    # a worker counting the budget would find one trial short and start a new one, and then the
+    # retry would run too, one trial more than n_trials.
     if spec.kind == "rdb":
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if not running:
             return []
-        with warnings.catch_warnings():  # marked experimental; the heartbeats are our choice
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with storage_mod.study_lock(spec, study.study_name), warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
             optuna.storages.fail_stale_trials(study)
-        now = {t.number: t for t in study.get_trials(deepcopy=False)}
-        # A trial that failed on its own in between carries its error; a stale one does not.
-        stale = [now[t.number] for t in running if now[t.number].state == TrialState.FAIL
-                 and "error" not in now[t.number].user_attrs]
-        stale += _without_heartbeat(study, [now[t.number] for t in running
-                                            if now[t.number].state == TrialState.RUNNING])
+            now = {t.number: t for t in study.get_trials(deepcopy=False)}
+            # A trial that failed on its own in between carries its error; a stale one does not.
+            stale = [now[t.number] for t in running if now[t.number].state == TrialState.FAIL
+                     and "error" not in now[t.number].user_attrs]
+            stale += _without_heartbeat(study, [now[t.number] for t in running
+                                                if now[t.number].state == TrialState.RUNNING])
     else:
         with storage_mod.study_lock(spec, study.study_name):  # claims tag their worker inside
             stale = liveness.abandoned(study.get_trials(deepcopy=False,
