@@ -17,10 +17,12 @@ import pytest
 # files to its workers in collection order, so these go first and the many short files fill in
 # around them (without this, a long file started last kept one core busy after the other had
 # finished). Measured with `python -m pytest --durations=0`; the order changes no result.
-LONGEST_FIRST = ("test_faults.py", "test_search.py", "test_recheck.py", "test_scaleout.py",
-                 "test_search_tree.py", "test_final_transfer.py", "test_read_only.py",
-                 "test_run.py", "test_catalogue.py", "test_report.py", "test_search_mlproject.py",
-                 "test_study.py", "test_bad_input.py", "test_gc_policy.py")
+LONGEST_FIRST = ("test_faults.py", "test_search_mlproject.py", "test_scaleout.py",
+                 "test_recheck.py", "test_read_only.py", "test_run.py", "test_search_tree.py",
+                 "test_search.py", "test_report.py", "test_bad_input.py",
+                 "test_final_transfer.py", "test_catalogue.py", "test_gc_policy.py",
+                 "test_tracking_writer.py", "test_search_e2e.py", "test_doctor.py",
+                 "test_workers.py", "test_storage.py", "test_study.py")
 
 MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID",
               "MLFLOW_EXPERIMENT_NAME")

@@ -156,7 +156,7 @@ def test_a_worker_claiming_while_a_stale_trial_is_failed_takes_its_retry_not_a_n
         other = threading.Thread(target=lambda: claims.append(
             worker.claim_trial(study, plan, None)))
         other.start()
-        other.join(2.0)  # done at once when nothing holds the lock; else it waits for us
+        other.join(1.0)  # done at once when nothing holds the lock; else it waits for us
         claims.append(other)
         requeue(study, trial)
 
@@ -175,7 +175,7 @@ def test_a_worker_claiming_while_a_stale_trial_is_failed_takes_its_retry_not_a_n
                                            liveness.worker_id(gone.pid))
         gone.wait()
     study.tell(study.ask(), 1.0)
-    time.sleep(2.5)  # past the grace period
+    time.sleep(2.0)  # past the grace period (1 s)
 
     (failed,) = stale.fail_stale(study, spec, fresh_store(tmp_path, empty_mlflow_db))
     other = next(c for c in claims if isinstance(c, threading.Thread))
