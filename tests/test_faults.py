@@ -91,6 +91,14 @@ def _group(pgid: int) -> dict[int, str]:
     return out
 
 
+def _ctrl_c_as_at_a_terminal() -> None:
+    """A search started from a terminal gets SIGINT's default action. A suite run in the
+    background (`cmd &` in a script, some CI runners) has SIGINT ignored, which children
+    inherit and the search rightly keeps ignoring (pipeline/interrupt.py): its Ctrl-C test
+    would then see no Ctrl-C at all."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Search:
     """`python -m pipeline.search` in its own session (so its whole process group can be
     signalled), cwd and MLflow store in `folder`."""
@@ -103,7 +111,8 @@ class Search:
             [sys.executable, "-m", "pipeline.search", "--study", str(folder / f"{KEY}.yaml"),
              "--quiet", *argv], cwd=folder, env=worker_env(tracking or store_uri(folder),
                                                            **(env or {})),
-            stdout=self.out, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=self.out, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_ctrl_c_as_at_a_terminal)
         _STARTED.append(self)
 
     def output(self) -> str:
