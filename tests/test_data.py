@@ -367,3 +367,19 @@ def test_the_cached_split_is_scikit_learns_and_a_torn_file_is_made_again(tmp_pat
     other = _stratified_split(y, 0.3, 5)  # another seed: another split, another file
     assert not np.array_equal(other[1], expected[1])
     assert len(list((tmp_path / "splits").iterdir())) == 2
+
+
+def test_a_cache_that_cannot_be_written_costs_time_only_and_leaves_no_part_file(tmp_path,
+                                                                                 monkeypatch):
+    from pipeline.training import data
+
+    def disk_full(file, **arrays):
+        file.write(b"PK partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setenv("PIPELINE_DATA_CACHE", str(tmp_path))
+    monkeypatch.setattr(data.np, "savez", disk_full)
+    y = np.repeat(np.arange(3), 10)
+    keep, held = data._stratified_split(y, 0.2, 0)  # still split, only not kept
+    assert len(keep) + len(held) == len(y) and sorted(np.bincount(y[held])) == [2, 2, 2]
+    assert list(tmp_path.rglob("*.*")) == []

@@ -106,13 +106,15 @@ def _cached_arrays(name: str, make) -> dict[str, np.ndarray]:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # absent, or torn
         pass
     arrays = make()
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as tmp:
             np.savez(tmp, **arrays)
         os.replace(tmp.name, path)  # atomic: readers see all of it or nothing
-    except OSError:
-        pass
+    except OSError:  # a full disk or a read-only cache: no file, and no .part left behind
+        if tmp is not None:
+            Path(tmp.name).unlink(missing_ok=True)
     return arrays
 
 
