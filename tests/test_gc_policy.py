@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -81,11 +82,12 @@ finally:
 
 
 @pytest.fixture(scope="module")
-def cli_runs(tmp_path_factory):
+def cli_runs(tmp_path_factory, empty_mlflow_db):
     """`python -m pipeline.search` on a tiny study, `python -m pipeline.report` on it, and one
     `python -m pipeline.train` run."""
     folder = tmp_path_factory.mktemp("gc")
     write_study(folder, "tiny", json.dumps(TINY))
+    shutil.copyfile(empty_mlflow_db, folder / "mlflow.db")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder}/mlflow.db"}
 
     def probe(*argv):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,9 +23,10 @@ from pipeline.training.trainer import EpochRecord
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+def store(tmp_path, monkeypatch, empty_mlflow_db):
+    """A copy of conftest's empty SQLite store (making the schema costs a second or two)."""
+    shutil.copyfile(empty_mlflow_db, tmp_path / "mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = tracking.tracking_client()
     return client, client.create_experiment("e")
 
