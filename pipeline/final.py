@@ -66,7 +66,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.search.processes import usable_cores
     from pipeline.search.studyfile import load_study
     from pipeline.tracking import client as tracking
-    from pipeline.training.data import DatasetNotFound, splits_for
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
@@ -83,8 +82,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cfg.pretrained and not Path(cfg.pretrained).is_file():
             raise ConfigError(f"the winner starts from {cfg.pretrained}, which is gone; run its "
                               f"study again ({how}) to fetch its source's weights")
+    except (ConfigError, tracking.TrackingUnavailable) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from pipeline.training.data import DatasetNotFound, splits_for  # torch: there is a winner
+
+    try:
         splits = splits_for(cfg)
-    except (ConfigError, DatasetNotFound, tracking.TrackingUnavailable) as err:
+    except DatasetNotFound as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

@@ -216,14 +216,22 @@ def test_the_recheck_command_adds_only_missing_runs(rechecked):
     assert {r.data.tags[PARENT] for r in new} == {latest.info.run_id}
 
 
-def test_a_recheck_of_a_study_that_never_ran_is_refused_and_creates_nothing(tmp_path):
+@pytest.mark.parametrize("storage, words", [
+    (None, ["no completed trial", "Run it first: python -m pipeline.search"]),
+    ("sqlite:///optuna.db", ["no completed trial", "Run it first: python -m pipeline.search"]),
+    ("optuna.txt", ["storage 'optuna.txt' is not understood", "sqlite:///PATH"]),
+], ids=["journal", "sqlite", "malformed storage URL"])
+def test_a_recheck_of_a_study_that_never_ran_is_refused_and_creates_nothing(tmp_path, storage,
+                                                                            words):
     recheck_study(tmp_path)
     env = {**os.environ, "MLFLOW_TRACKING_URI": store_uri(tmp_path)}
     proc = subprocess.run([sys.executable, "-m", "pipeline.recheck", "--study",
-                           str(tmp_path / f"{KEY}.yaml")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=HANG)
+                           str(tmp_path / f"{KEY}.yaml"), *(["--storage", storage] if storage
+                                                             else [])],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG)
     assert proc.returncode == 2, proc.stderr
-    assert "no completed trial" in proc.stderr and "python -m pipeline.search" in proc.stderr
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert all(w in proc.stderr for w in words), proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{KEY}.yaml"]
 
 

@@ -27,7 +27,14 @@ from pipeline.search import (
     winner,
 )
 from pipeline.search.close import close_study_run, print_summary
-from pipeline.search.plan import ON_BEHALF, Plan, plan_study, source_opts, studies_folder
+from pipeline.search.plan import (
+    ON_BEHALF,
+    Plan,
+    nothing_to_recheck,
+    plan_study,
+    source_opts,
+    studies_folder,
+)
 from pipeline.search.processes import fork_pool, run_workers
 from pipeline.search.summary import summarize
 from pipeline.search.worker import fail_stale
@@ -63,9 +70,7 @@ def run_study(opts) -> int:
     """Check, create or resume, run, summarise. Returns the exit code."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own line per trial instead
-    plan = plan_study(opts)
-    if plan.recheck_only:  # before the dataset is loaded: nothing to do, nothing to fetch
-        _check_recheck_only(plan)
+    plan = plan_study(opts)  # a re-check alone: cli.run checked it has something to re-check
     if (plan.parent_key and not opts.smoke and plan.storage.path
             and not Path(plan.storage.path).exists()):
         raise narrow.NarrowingError(create.run_parent_first(plan))
@@ -94,7 +99,7 @@ def _run_study(opts, plan: Plan, pool) -> int:
         source = _resolve_source(plan, opts, client)
     storage = storage_mod.open_storage(plan.storage)
     if plan.recheck_only and not create.has_completed_trials(storage, plan.key):
-        raise ConfigError(_nothing_to_recheck(plan))
+        raise ConfigError(nothing_to_recheck(plan))
     narrowing = None
     if plan.parent_key and not create.study_exists(storage, plan.key):
         if opts.smoke and not create.has_completed_trials(storage, plan.parent_key):
@@ -156,15 +161,3 @@ def _run_checked(opts, plan: Plan, storage, narrowing, client, source, writer, p
     return 0
 
 
-def _nothing_to_recheck(plan: Plan) -> str:
-    return (f"study {plan.key!r} has no completed trial in {plan.storage.url} to re-check. Run "
-            f"it first: python -m pipeline.search --study {plan.study_file.stem}"
-            + (f" --dataset {plan.cfg.dataset}" if f"-{plan.cfg.dataset}" in plan.key else ""))
-
-
-def _check_recheck_only(plan: Plan) -> None:
-    """A re-check of a study that never ran is refused before any store is created."""
-    if plan.storage.path and not Path(plan.storage.path).exists():
-        raise ConfigError(_nothing_to_recheck(plan))
-    if plan.storage.kind == "rdb" and storage_mod.no_optuna_tables(plan.storage):
-        raise ConfigError(_nothing_to_recheck(plan))  # opening it would create Optuna's tables

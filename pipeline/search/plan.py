@@ -107,3 +107,18 @@ def source_opts(opts, cfg: StudyConfig):
 # overrides, and helper workers (the launcher has opened its stores, which a fork must not copy:
 # processes.fork_pool).
 ON_BEHALF = {"recheck_top_k": None, "recheck_seeds": None, "recheck_only": False, "workers": 1}
+
+
+def nothing_to_recheck(plan: Plan) -> str:
+    return (f"study {plan.key!r} has no completed trial in {plan.storage.url} to re-check. Run "
+            f"it first: python -m pipeline.search --study {plan.study_file.stem}"
+            + (f" --dataset {plan.cfg.dataset}" if f"-{plan.cfg.dataset}" in plan.key else ""))
+
+
+def check_recheck_only(plan: Plan) -> None:
+    """A re-check of a study that never ran is refused before any store is created, and
+    before torch and MLflow load (Optuna's storage alone tells)."""
+    if plan.storage.path and not Path(plan.storage.path).exists():
+        raise ConfigError(nothing_to_recheck(plan))
+    if plan.storage.kind == "rdb" and storage_mod.no_optuna_tables(plan.storage):
+        raise ConfigError(nothing_to_recheck(plan))  # opening it would create Optuna's tables
