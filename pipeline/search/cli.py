@@ -89,15 +89,16 @@ def run(opts: SearchOptions) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if opts.recheck_only:  # and so is a re-check of a study that never ran
-        from pipeline.search import storage
-        from pipeline.search.plan import check_recheck_only, plan_study
+    from pipeline.search import storage
+    from pipeline.search.plan import check_recheck_only, plan_study
 
-        try:
-            check_recheck_only(plan_study(opts))
-        except (ConfigError, storage.StorageError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return EXIT_BAD_INPUT
+    try:  # and so is a wrong flag (--dataset, --storage), or a re-check of a study never run
+        plan = plan_study(opts)
+        if plan.recheck_only:
+            check_recheck_only(plan)
+    except (ConfigError, storage.StorageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     from pipeline import interrupt
     from pipeline.search import engine  # heavy imports only once the input is sound
     from pipeline.tracking import spool
