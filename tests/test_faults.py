@@ -144,6 +144,18 @@ def training(study: optuna.Study, min_number: int = 0):
             if 0 < len(t.intermediate_values) < EPOCHS and t.number >= min_number]
 
 
+def trial_run(client: MlflowClient, trial):
+    """The trial's MLflow run: by the id recorded on the trial, else by its tags, as stale.py
+    finds it. A trial caught in its first epochs may not have recorded the id yet: the writer
+    process makes the run while the trial trains (pipeline/search/objective.py, _RunLink)."""
+    if run_id := trial.user_attrs.get("mlflow_run_id"):
+        return client.get_run(run_id)
+    (run,) = [r for r in all_runs(client) if r.data.tags.get("pipeline.kind") == "trial"
+              and r.data.tags.get("pipeline.study") == KEY
+              and r.data.tags.get("pipeline.trial_number") == str(trial.number)]
+    return run
+
+
 def catch_mid_trial(search: Search, study_of, min_number: int = 0) -> list:
     """Freeze the search (SIGSTOP, every process of its group) while a trial numbered at least
     `min_number` is in its training loop; returns those trials, checked while frozen."""
@@ -248,7 +260,7 @@ def test_a_worker_killed_mid_trial_is_failed_retried_once_and_the_study_complete
     assert retry.state == TrialState.COMPLETE and retry.params == killed.params
     assert [t.state for t in trials].count(TrialState.COMPLETE) == 2
     assert len(trials) == 3  # the killed one, its retry, and one more: retried once, not twice
-    dead_run = client.get_run(killed.user_attrs["mlflow_run_id"])
+    dead_run = trial_run(client, killed)
     assert dead_run.info.status == "KILLED"
     retry_run = client.get_run(retry.user_attrs["mlflow_run_id"])
     assert retry_run.info.run_id != dead_run.info.run_id
@@ -477,7 +489,7 @@ def test_when_every_process_died_the_next_start_cleans_up_and_completes(
     for t in caught:
         assert trials[t.number].state == TrialState.FAIL
         assert "stale" in trials[t.number].user_attrs["error"]
-        assert client.get_run(t.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+        assert trial_run(client, t).info.status == "KILLED"
         (retry,) = [r for r in trials if r.system_attrs.get("failed_trial") == t.number]
         assert retry.params == t.params and retry.state == TrialState.COMPLETE
     assert [t.state for t in trials].count(TrialState.COMPLETE) == 2
