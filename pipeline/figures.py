@@ -60,7 +60,8 @@ def example_grid(images: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray,
     k = min(n, len(images))
     cols = min(5, max(k, 1))
     rows = max(1, -(-k // cols))
-    fig = Figure(figsize=(1.9 * cols, 2.0 * rows + 0.4), layout="constrained")
+    cell_w_in, cell_h_in = 1.9, 2.0  # inches per cell
+    fig = Figure(figsize=(cell_w_in * cols, cell_h_in * rows + 0.4), layout="constrained")
     ax = fig.subplots()
     ax.axis("off")
     fig.suptitle(title)
@@ -72,8 +73,9 @@ def example_grid(images: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray,
     tiles = (tiles - lo) / np.maximum(tiles.max(axis=(1, 2, 3), keepdims=True) - lo, 1e-6)
     c, h, w = tiles.shape[1:]
     # Each cell: the tile, a label band above it (a third of its height) and a gap beside it,
-    # so that a cell's width to height is about the figure's 1.9 to 2.0 inches.
-    band, gap = max(1, round(h / 3)), max(1, round(1.9 / 2.0 * (h + round(h / 3)) - w))
+    # so that a cell's width to height in pixels is its width to height in inches.
+    band = max(1, round(h / 3))
+    gap = max(1, round(cell_w_in / cell_h_in * (h + band) - w))
     cell_h, cell_w = h + band, w + gap
     # RGBA: the background (bands, gaps, unused cells) is transparent, the figure's white.
     mosaic = np.zeros((rows * cell_h, cols * cell_w, 4), dtype=np.float32)
